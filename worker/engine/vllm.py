@@ -1,0 +1,192 @@
+"""`VllmEngine`: the in-process vLLM `AsyncLLM` behind the `Engine` protocol. The only importer of vllm.
+
+AsyncLLM batches every request submitted to it continuously, so the service simply runs one task per
+request. Start-up is run in a thread (it blocks for ~13 s on CPU) so the event loop keeps serving MQTT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import structlog
+
+from worker.config import ModelConfig
+from worker.engine.base import ChatMessage, Delta, EngineStats, Prompt, Sampling
+from worker.errors import BadRequestError, EngineDeadError, EngineError, OverloadedError
+
+log = structlog.get_logger(__name__)
+
+SHUTDOWN_TIMEOUT_S = 8.0
+
+
+def prepare_environment(cfg: ModelConfig, *, on_cpu: bool) -> None:
+    """Set the env vars vLLM reads at import/start; explicit user settings win (setdefault)."""
+    if cfg.visible_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.visible_devices
+    if on_cpu:
+        # MP=0 drops the extra Worker process on CPU: start 24 s -> 13 s, and both cores compute.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_space_gib))
+
+
+def gpu_present() -> bool:
+    """Whether an NVIDIA GPU is visible, without importing vllm or torch (cheap, pre-import)."""
+    return Path("/dev/nvidiactl").exists() or bool(os.environ.get("VLLM_WORKER_ASSUME_GPU"))
+
+
+class VllmEngine:
+    """The real engine; see the module docstring."""
+
+    def __init__(self, cfg: ModelConfig, model_dir: Path) -> None:
+        self._cfg = cfg
+        self._model_dir = model_dir
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        # HF fast tokenizers are not safe to call from several threads at once: one dedicated thread.
+        self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        self._quantization = "none"
+        self._max_model_len = cfg.max_model_len
+        self._running = 0
+        self.start_s = 0.0
+
+    @property
+    def model_name(self) -> str:
+        """Configured name, else the model directory's name."""
+        return self._cfg.name or self._model_dir.name
+
+    @property
+    def max_model_len(self) -> int:
+        """Context window the engine was started with."""
+        return self._max_model_len
+
+    @property
+    def quantization(self) -> str:
+        """The method vLLM resolved (e.g. `awq_marlin`), or "none"."""
+        return self._quantization
+
+    def _engine_args(self, *, on_cpu: bool) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: PLC0415 - import after env is set
+
+        cfg = self._cfg
+        quantization = None if cfg.quantization in {"auto", "none"} else cfg.quantization
+        eager = cfg.enforce_eager if cfg.enforce_eager is not None else on_cpu
+        return AsyncEngineArgs(
+            model=str(self._model_dir),
+            served_model_name=self.model_name,
+            dtype=cfg.dtype,
+            quantization=quantization,
+            kv_cache_dtype=cfg.kv_cache_dtype,
+            max_model_len=cfg.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enforce_eager=eager,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+        )
+
+    def _start(self) -> None:
+        on_cpu = not gpu_present()
+        prepare_environment(self._cfg, on_cpu=on_cpu)
+        from vllm.v1.engine.async_llm import AsyncLLM  # noqa: PLC0415 - heavy, env must be set first
+
+        started = time.perf_counter()
+        self._llm = AsyncLLM.from_engine_args(self._engine_args(on_cpu=on_cpu))
+        self.start_s = time.perf_counter() - started
+        model_config = self._llm.model_config
+        self._max_model_len = int(model_config.max_model_len)
+        self._quantization = str(model_config.quantization or "none")
+        self._tokenizer = self._llm.get_tokenizer()
+
+    async def __aenter__(self) -> Self:
+        await asyncio.to_thread(self._start)
+        log.info(
+            "engine.started",
+            model=self.model_name,
+            quantization=self._quantization,
+            max_model_len=self._max_model_len,
+            start_s=round(self.start_s, 1),
+        )
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        llm, self._llm = self._llm, None
+        self._tok_pool.shutdown(wait=False, cancel_futures=True)
+        if llm is not None:
+            # shutdown() is synchronous (SIGTERM to EngineCore, join): keep it off the loop.
+            await asyncio.to_thread(llm.shutdown, SHUTDOWN_TIMEOUT_S)
+            log.info("engine.stopped")
+
+    def _render_sync(self, messages: Sequence[ChatMessage]) -> Prompt:
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        text = self._tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        # The template already holds any BOS the model wants.
+        ids = self._tokenizer.encode(text, add_special_tokens=False)
+        return Prompt(tuple(messages), str(text), tuple(int(i) for i in ids))
+
+    async def render(self, messages: Sequence[ChatMessage]) -> Prompt:
+        """Chat template + tokenization on the tokenizer thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._tok_pool, self._render_sync, messages)
+
+    async def count_tokens(self, text: str) -> int:
+        """Token count of plain text (no template)."""
+
+        def count() -> int:
+            return len(self._tokenizer.encode(text, add_special_tokens=False))
+
+        return await asyncio.get_running_loop().run_in_executor(self._tok_pool, count)
+
+    async def generate(self, prompt: Prompt, sampling: Sampling, request_id: str) -> AsyncIterator[Delta]:
+        """Stream DELTA outputs; cancellation propagates into AsyncLLM, which aborts the request."""
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError  # noqa: PLC0415
+        from vllm.inputs import TokensPrompt  # noqa: PLC0415
+        from vllm.sampling_params import RequestOutputKind, SamplingParams  # noqa: PLC0415
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmDeadError  # noqa: PLC0415
+
+        if self._llm is None:
+            raise EngineDeadError("engine is not running")
+        params = SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_tokens=sampling.max_tokens,
+            stop=list(sampling.stop) or None,
+            seed=sampling.seed,
+            ignore_eos=sampling.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        self._running += 1
+        try:
+            stream = self._llm.generate(TokensPrompt(prompt_token_ids=list(prompt.token_ids)), params, request_id)
+            async for out in stream:
+                completion = out.outputs[0]
+                yield Delta(
+                    text=completion.text,
+                    new_tokens=len(completion.token_ids),
+                    finish_reason=completion.finish_reason if out.finished else None,
+                    prompt_tokens=len(prompt.token_ids),
+                    cached_tokens=int(out.num_cached_tokens or 0),
+                )
+        except VllmDeadError as exc:
+            raise EngineDeadError(str(exc)) from exc
+        except GracefulHTTPError as exc:
+            raise OverloadedError(str(exc)) from exc
+        except VLLMClientError as exc:
+            raise BadRequestError(str(exc)) from exc
+        except (EngineDeadError, BadRequestError, OverloadedError):
+            raise
+        except Exception as exc:
+            raise EngineError(type(exc).__name__) from exc
+        finally:
+            self._running -= 1
+
+    def stats(self) -> EngineStats:
+        """Requests in flight through this adapter (full engine stats come with the stat logger)."""
+        return EngineStats(running=self._running)

