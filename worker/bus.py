@@ -11,8 +11,8 @@ arrives, so "replied" means the broker has it.
 from __future__ import annotations
 
 import asyncio
-import logging
 import contextlib
+import logging
 import socket
 import ssl
 from collections.abc import Iterable
@@ -81,8 +81,8 @@ class Bus:
         self._loop = asyncio.get_running_loop()
         order = {"5": ["5"], "3.1.1": ["3.1.1"], "auto": ["5", "3.1.1"]}[self._protocol]
         for version in order:
-            code = await self._connect(version)
-            if code is True:
+            connected, code = await self._connect(version)
+            if connected:
                 return self
             refused_v5 = code is None or code.value == UNSUPPORTED_PROTOCOL
             if version == "5" and refused_v5 and "3.1.1" in order:
@@ -138,8 +138,12 @@ class Bus:
             client.will_set(self._will.topic, self._will.payload, qos=1, retain=self._will.retain)
         return client
 
-    async def _connect(self, version: str) -> ReasonCode | None | bool:
-        """Connect with one protocol version: True on success, else the refusal (None: closed unanswered)."""
+    async def _connect(self, version: str) -> tuple[bool, ReasonCode | None]:
+        """Connect with one protocol version.
+
+        Returns (True, None) on success, else (False, the refusal's reason code, or None when the
+        broker closed the connection without answering).
+        """
         assert self._loop is not None  # noqa: S101 - set in __aenter__
         host, port, _ = self._cfg.endpoint()
         client = self._make_client(version)
@@ -160,10 +164,16 @@ class Bus:
             client.disconnect()
             await asyncio.to_thread(client.loop_stop)
             self._client = None
-            return code
+            return False, code
         self.is_v5 = version == "5"
-        log.info("bus.connected", host=host, port=port, mqtt="5" if self.is_v5 else "3.1.1", client_id=self._client_id)
-        return True
+        log.info(
+            "bus.connected",
+            host=host,
+            port=port,
+            mqtt="5" if self.is_v5 else "3.1.1",
+            client_id=self._client_id,
+        )
+        return True, None
 
     # ---- paho network thread: hand everything to the loop, never block or raise ---------------------
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, code: ReasonCode, _p: Any) -> None:  # noqa: ANN401
@@ -240,7 +250,7 @@ class Bus:
 
     async def subscribe(self, topics: Iterable[str], qos: int = 1) -> None:
         """Subscribe now and after every reconnect."""
-        new = {t: qos for t in topics}
+        new = dict.fromkeys(topics, qos)
         self._subscriptions.update(new)
         self._require().subscribe(list(new.items()))
 
@@ -262,7 +272,7 @@ class Bus:
         client = self._require()
         props = None
         if correlation_data is not None and self.is_v5:
-            props = Properties(PacketTypes.PUBLISH)
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.CorrelationData = correlation_data
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if qos == 0 or info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:

@@ -52,7 +52,9 @@ def serve_parser() -> argparse.ArgumentParser:
     _flag(p, "max_tokens", type=int, help="default answer length cap")
     _flag(p, "max_history_tokens", type=int)
     _flag(p, "enforce_eager", action=argparse.BooleanOptionalAction)
-    _flag(p, "broker", help="mqtt://host:port or mqtts://host:port (default: embedded broker on 127.0.0.1:1883)")
+    _flag(
+        p, "broker", help="mqtt://host:port or mqtts://host:port (default: embedded broker on 127.0.0.1:1883)"
+    )
     _flag(p, "port", type=int, help="port of the embedded broker (default 1883)")
     _flag(p, "mqtt_username")
     _flag(p, "mqtt_password", help="prefer the env var VLLM_WORKER_BROKER__PASSWORD (not in shell history)")
@@ -123,7 +125,9 @@ def serve(argv: Sequence[str]) -> int:
         if args.engine == "fake":
             from worker.engine.fake import FakeEngine  # noqa: PLC0415
 
-            engine: Any = FakeEngine(token_delay_s=float(os.environ.get("VLLM_WORKER_FAKE_TOKEN_DELAY_S", "0")))
+            engine: Any = FakeEngine(
+                token_delay_s=float(os.environ.get("VLLM_WORKER_FAKE_TOKEN_DELAY_S", "0"))
+            )
         else:
             from worker.engine.vllm import VllmEngine  # noqa: PLC0415
 
@@ -170,16 +174,22 @@ def ask(argv: Sequence[str]) -> int:
 
     log.setup(LogConfig(level="warning"))  # stdout carries only the answer
 
-    fields = {k: v for k, v in {"maxTokens": args.max_tokens, "temperature": args.temperature}.items() if v is not None}
+    fields = {
+        k: v
+        for k, v in {"maxTokens": args.max_tokens, "temperature": args.temperature}.items()
+        if v is not None
+    }
 
     async def go() -> int:
         broker = BrokerConfig(
             url=args.broker,
             username=os.environ.get("VLLM_WORKER_BROKER__USERNAME"),
-            password=os.environ.get("VLLM_WORKER_BROKER__PASSWORD"),  # type: ignore[arg-type]
+            password=os.environ.get("VLLM_WORKER_BROKER__PASSWORD"),
         )
         async with Client(broker) as client:
-            reply = await client.ask(args.project, args.message, session=args.session, timeout_s=args.timeout, **fields)
+            reply = await client.ask(
+                args.project, args.message, session=args.session, timeout_s=args.timeout, **fields
+            )
         if not reply.ok:
             say(f"error {reply.error_code}: {reply.error_message}")
             return 1
@@ -200,7 +210,9 @@ def model(argv: Sequence[str]) -> int:
     """Model utilities: `prepare` converts the bundled demo model once."""
     p = argparse.ArgumentParser(prog="vllm-worker model")
     sub = p.add_subparsers(dest="action", required=True)
-    prep = sub.add_parser("prepare", help="convert the bundled SmolLM2-135M-Instruct GGUF to a HF dir (idempotent)")
+    prep = sub.add_parser(
+        "prepare", help="convert the bundled SmolLM2-135M-Instruct GGUF to a HF dir (idempotent)"
+    )
     prep.add_argument("--out", default=str(ROOT / DEMO_DIR))
     prep.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     args = p.parse_args(argv)

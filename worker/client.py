@@ -1,8 +1,8 @@
 """An asyncio client for apps that talk to a vllm-worker fleet (v2 dialect: JSON replies, correlation).
 
-    async with Client(BrokerConfig(url="mqtt://127.0.0.1:1883")) as client:
-        reply = await client.ask("maze", "Which way is out?", session="s1")
-        print(reply.text)
+async with Client(BrokerConfig(url="mqtt://127.0.0.1:1883")) as client:
+    reply = await client.ask("maze", "Which way is out?", session="s1")
+    print(reply.text)
 """
 
 from __future__ import annotations
@@ -97,7 +97,13 @@ class Client:
         request_id = request_id or uuid.uuid4().hex
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = fut
-        body = {"v": 2, "message": message, "sessionId": session, "clientId": self.client_id, "requestId": request_id}
+        body = {
+            "v": 2,
+            "message": message,
+            "sessionId": session,
+            "clientId": self.client_id,
+            "requestId": request_id,
+        }
         body.update(fields)
         try:
             await self._bus.publish(self._topics.user_input(project), json.dumps(body).encode())

@@ -23,7 +23,7 @@ REDACTED = "***"
 
 
 def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:  # noqa: ANN401
-    """structlog processor: blank every value whose key names a secret."""
+    """Structlog processor: blank every value whose key names a secret."""
     for key in list(event):
         if SECRET_KEY.search(key):
             event[key] = REDACTED
@@ -33,8 +33,10 @@ def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Mutab
 def setup(cfg: LogConfig) -> None:
     """Configure structlog (and stdlib logging for vLLM/paho) once per process."""
     level = getattr(logging, cfg.level.upper())
-    renderer: Any = structlog.processors.JSONRenderer() if cfg.json_format else structlog.dev.ConsoleRenderer(
-        colors=sys.stderr.isatty()
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if cfg.json_format
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
         processors=[
@@ -48,6 +50,8 @@ def setup(cfg: LogConfig) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=max(level, logging.INFO), stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=max(level, logging.INFO), stream=sys.stderr, format="%(name)s %(levelname)s %(message)s"
+    )
     for noisy in ("amqtt", "transitions"):  # amqtt logs each client's state machine at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)

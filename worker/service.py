@@ -13,8 +13,9 @@ import json
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 
@@ -98,7 +99,9 @@ class Service:
             await bus.subscribe(self._request_filters())
             await self._publish_status("ready")
             self.ready.set()
-            self._say(f"ready: projects {', '.join(self._projects)} on {self._broker_label(broker_cfg.endpoint())}")
+            self._say(
+                f"ready: projects {', '.join(self._projects)} on {self._broker_label(broker_cfg.endpoint())}"
+            )
             intake = asyncio.create_task(self._intake(bus, stop))
             await stop.wait()
             intake.cancel()
@@ -128,7 +131,9 @@ class Service:
         with contextlib.suppress(Exception):
             await bus.unsubscribe(self._request_filters())
         if self._tasks:
-            self._say(f"draining {len(self._serving)} request(s), up to {self._cfg.worker.drain_timeout_s:.0f} s")
+            self._say(
+                f"draining {len(self._serving)} request(s), up to {self._cfg.worker.drain_timeout_s:.0f} s"
+            )
             _, pending = await asyncio.wait(self._tasks, timeout=self._cfg.worker.drain_timeout_s)
             for task in pending:
                 task.cancel()  # _serve answers shutting_down on cancellation
@@ -143,7 +148,9 @@ class Service:
             "worker": self.worker_id,
             "projects": list(self._projects),
             "model": self._cfg.model.name or self._cfg.model.path.rstrip("/").rsplit("/", 1)[-1],
-            "quantization": self._engine.quantization if self.ready.is_set() else self._cfg.model.quantization,
+            "quantization": self._engine.quantization
+            if self.ready.is_set()
+            else self._cfg.model.quantization,
             "version": __version__,
             "since": datetime.now(UTC).isoformat(timespec="seconds"),
         }
@@ -172,7 +179,12 @@ class Service:
         except Rejected as rejected:
             project = rejected.route.project if rejected.route else "?"
             self.counters[(project, "rejected")] += 1
-            log.info("request.rejected", project=project, code=str(rejected.error.code), reason=rejected.error.message)
+            log.info(
+                "request.rejected",
+                project=project,
+                code=str(rejected.error.code),
+                reason=rejected.error.message,
+            )
             if rejected.route is None:
                 log.warning("request.unroutable", topic=msg.topic[:128], reason=rejected.error.message)
                 return
@@ -193,8 +205,8 @@ class Service:
         task = self._spawn(self._serve(request, stop))
         self._serving[task] = request
 
-    def _spawn(self, coro: object) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task
@@ -213,10 +225,15 @@ class Service:
 
     # ---- the request path ----------------------------------------------------------------------------
     async def _serve(self, request: Request, stop: asyncio.Event) -> None:
-        """request -> sessions -> engine -> reply; exactly one final reply whatever happens."""
+        """Request -> sessions -> engine -> reply; exactly one final reply whatever happens."""
         assert self._sessions is not None  # noqa: S101 - set before intake starts
         assert self._replier is not None  # noqa: S101
-        log.debug("request.accepted", project=request.route.project, request_id=request.request_id, text=request.message)
+        log.debug(
+            "request.accepted",
+            project=request.route.project,
+            request_id=request.request_id,
+            text=request.message,
+        )
         try:
             async with self._sessions.lock_for(request):
                 prompt = await self._sessions.build_prompt(request)
@@ -278,7 +295,9 @@ class Service:
     async def _fail(self, route: Route, error: WorkerError) -> None:
         assert self._replier is not None or self._bus is not None  # noqa: S101
         self.counters[(route.project, "errors")] += 1
-        log.info("request.failed_reply", project=route.project, code=str(error.code), request_id=route.request_id)
+        log.info(
+            "request.failed_reply", project=route.project, code=str(error.code), request_id=route.request_id
+        )
         replier = self._replier or Replier(self._publish_reply, self._engine.model_name, self.worker_id)
         await replier.fail(route, error)
 

@@ -3,18 +3,23 @@
 import asyncio
 import json
 
-from conftest import peer, running_worker
+from support import peer, running_worker
 
 from worker.engine.fake import FakeEngine
 
 
 async def test_classic_round_trips_for_two_projects_and_many_sessions_concurrently():
     engine = FakeEngine(token_delay_s=0.02)
-    async with running_worker(engine) as w, peer(w.port, ["maze/assistant_response/+",
-                                                           "driving/assistant_response/+"]) as p:
+    async with (
+        running_worker(engine) as w,
+        peer(w.port, ["maze/assistant_response/+", "driving/assistant_response/+"]) as p,
+    ):
         sessions = [f"s{i}" for i in range(6)]
-        sends = [p.publish(f"{proj}/user_input", {"message": f"{proj} {s} turn1", "sessionId": s})
-                 for proj in ("maze", "driving") for s in sessions]
+        sends = [
+            p.publish(f"{proj}/user_input", {"message": f"{proj} {s} turn1", "sessionId": s})
+            for proj in ("maze", "driving")
+            for s in sessions
+        ]
         await asyncio.gather(*sends)
         await p.wait_for(lambda got: len(got) >= 12)
         for proj in ("maze", "driving"):
@@ -27,8 +32,12 @@ async def test_classic_round_trips_for_two_projects_and_many_sessions_concurrent
 async def test_sessions_keep_their_own_history():
     async with running_worker() as w, peer(w.port, ["maze/assistant_response/+"]) as p:
         for turn in (1, 2):
-            await asyncio.gather(*(p.publish("maze/user_input", {"message": f"{s} t{turn}", "sessionId": s})
-                                   for s in ("a", "b")))
+            await asyncio.gather(
+                *(
+                    p.publish("maze/user_input", {"message": f"{s} t{turn}", "sessionId": s})
+                    for s in ("a", "b")
+                )
+            )
             await p.wait_for(lambda got, n=2 * turn: len(got) >= n)
         a = [m.payload.decode() for m in p.on("maze/assistant_response/a")]
         b = [m.payload.decode() for m in p.on("maze/assistant_response/b")]
@@ -72,9 +81,18 @@ async def test_v2_reply_is_json_with_request_id():
 
 async def test_overload_is_refused_at_once_with_overloaded():
     engine = FakeEngine(token_delay_s=0.2)
-    async with running_worker(engine, worker={"max_inflight": 2}) as w, peer(w.port, ["maze/response/+"]) as p:
-        await asyncio.gather(*(p.publish("maze/user_input", {"v": 2, "message": "a b c", "clientId": "c",
-                                                             "requestId": f"r{i}"}) for i in range(5)))
+    async with (
+        running_worker(engine, worker={"max_inflight": 2}) as w,
+        peer(w.port, ["maze/response/+"]) as p,
+    ):
+        await asyncio.gather(
+            *(
+                p.publish(
+                    "maze/user_input", {"v": 2, "message": "a b c", "clientId": "c", "requestId": f"r{i}"}
+                )
+                for i in range(5)
+            )
+        )
         await p.wait_for(lambda got: len(got) >= 5)
         bodies = [json.loads(m.payload) for m in p.received]
         codes = sorted((b.get("error") or {}).get("code", "ok") for b in bodies)
@@ -96,8 +114,10 @@ async def test_duplicate_request_id_in_flight_is_generated_once():
 async def test_deadline_expires_with_typed_error_and_aborts_the_engine():
     engine = FakeEngine(token_delay_s=0.2)
     async with running_worker(engine) as w, peer(w.port, ["maze/response/+"]) as p:
-        await p.publish("maze/user_input", {"v": 2, "message": "a b c d e f", "clientId": "c", "requestId": "late",
-                                            "deadlineMs": 300})
+        await p.publish(
+            "maze/user_input",
+            {"v": 2, "message": "a b c d e f", "clientId": "c", "requestId": "late", "deadlineMs": 300},
+        )
         await p.wait_for(lambda got: len(got) >= 1)
         assert json.loads(p.received[0].payload)["error"]["code"] == "expired"
         assert engine.aborted == ["late"]
@@ -117,9 +137,13 @@ async def test_engine_failure_is_engine_error_and_the_worker_keeps_serving():
 
 async def test_drain_answers_unfinished_requests_shutting_down():
     engine = FakeEngine(token_delay_s=1.0)
-    async with running_worker(engine, worker={"drain_timeout_s": 0.2}) as w, \
-            peer(w.port, ["maze/response/+"]) as p:
-        await p.publish("maze/user_input", {"v": 2, "message": "a b c d", "clientId": "c", "requestId": "slow"})
+    async with (
+        running_worker(engine, worker={"drain_timeout_s": 0.2}) as w,
+        peer(w.port, ["maze/response/+"]) as p,
+    ):
+        await p.publish(
+            "maze/user_input", {"v": 2, "message": "a b c d", "clientId": "c", "requestId": "slow"}
+        )
         await asyncio.sleep(0.2)
         w.stop.set()
         await p.wait_for(lambda got: len(got) >= 1)

@@ -25,7 +25,9 @@ def test_default_toml_documents_every_field():
 
 def test_precedence_defaults_file_env_flags(tmp_path):
     file = tmp_path / "w.toml"
-    file.write_text('[model]\nmax_model_len = 1000\nmax_num_seqs = 7\ndtype = "float32"\n[broker]\nusername = "f"\n')
+    file.write_text(
+        '[model]\nmax_model_len = 1000\nmax_num_seqs = 7\ndtype = "float32"\n[broker]\nusername = "f"\n'
+    )
     env = {"VLLM_WORKER_MODEL__MAX_MODEL_LEN": "3000", "VLLM_WORKER_MODEL__MAX_NUM_SEQS": "9"}
     flags = {"model": {"max_model_len": 4000}}
     cfg = load(file, env, flags)
@@ -66,12 +68,54 @@ def test_invalid_config_is_a_config_error(tmp_path, file_text, env):
 
 def test_old_script_flags_in_underscore_and_dash_form():
     old = serve_parser().parse_args(
-        "--projects maze driving --model m --quantization awq --visible_devices 2 --gpu_memory_utilization 0.5 "
-        "--max_model_len 4096 --max_tokens 100 --max_history_tokens 300 --mqtt_username u --mqtt_password p".split()
+        [
+            "--projects",
+            "maze",
+            "driving",
+            "--model",
+            "m",
+            "--quantization",
+            "awq",
+            "--visible_devices",
+            "2",
+            "--gpu_memory_utilization",
+            "0.5",
+            "--max_model_len",
+            "4096",
+            "--max_tokens",
+            "100",
+            "--max_history_tokens",
+            "300",
+            "--mqtt_username",
+            "u",
+            "--mqtt_password",
+            "p",
+        ]
     )
     new = serve_parser().parse_args(
-        "--projects maze driving --model m --quantization awq --visible-devices 2 --gpu-memory-utilization 0.5 "
-        "--max-model-len 4096 --max-tokens 100 --max-history-tokens 300 --mqtt-username u --mqtt-password p".split()
+        [
+            "--projects",
+            "maze",
+            "driving",
+            "--model",
+            "m",
+            "--quantization",
+            "awq",
+            "--visible-devices",
+            "2",
+            "--gpu-memory-utilization",
+            "0.5",
+            "--max-model-len",
+            "4096",
+            "--max-tokens",
+            "100",
+            "--max-history-tokens",
+            "300",
+            "--mqtt-username",
+            "u",
+            "--mqtt-password",
+            "p",
+        ]
     )
     assert flags_to_config(old) == flags_to_config(new)
     cfg = load(None, {}, flags_to_config(old))
@@ -84,6 +128,14 @@ def test_old_script_flags_in_underscore_and_dash_form():
 
 
 def test_broker_url_endpoint():
-    assert load(None, {}, {"broker": {"url": "mqtts://b.example:8884"}}).broker.endpoint() == ("b.example", 8884, True)
-    assert load(None, {}, {"broker": {"url": "mqtt://10.0.0.1"}}).broker.endpoint() == ("10.0.0.1", 1883, False)
+    assert load(None, {}, {"broker": {"url": "mqtts://b.example:8884"}}).broker.endpoint() == (
+        "b.example",
+        8884,
+        True,
+    )
+    assert load(None, {}, {"broker": {"url": "mqtt://10.0.0.1"}}).broker.endpoint() == (
+        "10.0.0.1",
+        1883,
+        False,
+    )
     assert load(None, {}, {}).broker.endpoint() == ("127.0.0.1", 1883, False)

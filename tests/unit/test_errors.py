@@ -25,5 +25,8 @@ def test_v2_error_object():
     assert body["done"] is True
     assert body["finishReason"] == "error"
     assert body["requestId"] == "r1"
-    assert body["error"] == {"code": "overloaded", "message": "Server is overloaded, please retry later",
-                             "retryAfterMs": 500}
+    assert body["error"] == {
+        "code": "overloaded",
+        "message": "Server is overloaded, please retry later",
+        "retryAfterMs": 500,
+    }

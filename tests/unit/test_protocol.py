@@ -6,16 +6,18 @@ from hypothesis import strategies as st
 
 from worker.errors import ErrorCode
 from worker.message import InboundMessage
-from worker.protocol import Dialect, Rejected, Topics, parse, strip_reasoning
+from worker.protocol import Dialect, Rejected, Request, Topics, parse, strip_reasoning
 
 TOPICS = Topics()
 MAX = 256 * 1024
 
 
 def _parse(payload, topic="maze/user_input", projects=None, **props):
-    data = payload if isinstance(payload, bytes) else (
-        json.dumps(payload) if isinstance(payload, dict) else payload
-    ).encode()
+    data = (
+        payload
+        if isinstance(payload, bytes)
+        else (json.dumps(payload) if isinstance(payload, dict) else payload).encode()
+    )
     return parse(InboundMessage(topic, data, **props), projects, TOPICS, MAX)
 
 
@@ -206,8 +208,15 @@ def test_invalid_fields_are_bad_request(p, fields):
 
 
 def test_messages_are_stateless_chat(p):
-    req = p({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                          {"role": "user", "content": "c"}]})
+    req = p(
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"},
+            ]
+        }
+    )
     assert req.message is None
     assert req.messages is not None
     assert [m.content for m in req.messages] == ["a", "b", "c"]
@@ -231,13 +240,19 @@ def test_strip_reasoning(raw, expected):
     assert strip_reasoning(raw) == expected
 
 
+def outcome_of(payload: bytes, projects) -> Request | Rejected:
+    """parse() must return a Request or raise Rejected; anything else escapes and fails the test."""
+    try:
+        return _parse(payload, "maze/user_input", projects)
+    except Rejected as r:
+        return r
+
+
 @settings(max_examples=500, deadline=None)
 @given(payload=st.binary(max_size=512) | st.text(max_size=256).map(str.encode))
 def test_any_bytes_give_a_request_or_a_typed_rejection(projects, payload):
-    try:
-        _parse(payload, "maze/user_input", projects)
-    except Rejected as r:
-        assert r.error.code in set(ErrorCode)
+    outcome = outcome_of(payload, projects)
+    assert isinstance(outcome, Request) or outcome.error.code in set(ErrorCode)
 
 
 json_values = st.recursive(
@@ -246,20 +261,37 @@ json_values = st.recursive(
     max_leaves=10,
 )
 field_names = st.sampled_from(
-    ["message", "messages", "sessionId", "clientId", "requestId", "temperature", "topP", "topK", "maxTokens",
-     "stop", "seed", "stream", "replyTopic", "deadlineMs", "v", "priority", "systemPrompt", "other"]
+    [
+        "message",
+        "messages",
+        "sessionId",
+        "clientId",
+        "requestId",
+        "temperature",
+        "topP",
+        "topK",
+        "maxTokens",
+        "stop",
+        "seed",
+        "stream",
+        "replyTopic",
+        "deadlineMs",
+        "v",
+        "priority",
+        "systemPrompt",
+        "other",
+    ]
 )
 
 
 @settings(max_examples=1000, deadline=None)
 @given(body=st.dictionaries(field_names, json_values, max_size=6))
 def test_any_json_object_gives_a_request_or_a_typed_rejection(projects, body):
-    try:
-        req = _parse(json.dumps(body).encode(), "maze/user_input", projects)
-    except Rejected as r:
-        assert r.error.code in set(ErrorCode)
-        if r.route is not None:
-            assert "+" not in r.route.topic
-            assert "#" not in r.route.topic
+    outcome = outcome_of(json.dumps(body).encode(), projects)
+    if isinstance(outcome, Request):
+        assert outcome.message or outcome.messages
     else:
-        assert req.message or req.messages
+        assert outcome.error.code in set(ErrorCode)
+        if outcome.route is not None:
+            assert "+" not in outcome.route.topic
+            assert "#" not in outcome.route.topic

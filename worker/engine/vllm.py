@@ -71,7 +71,7 @@ class VllmEngine:
         """The method vLLM resolved (e.g. `awq_marlin`), or "none"."""
         return self._quantization
 
-    def _engine_args(self, *, on_cpu: bool) -> Any:
+    def _engine_args(self, *, on_cpu: bool) -> Any:  # noqa: ANN401 - vllm's AsyncEngineArgs, imported late
         from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: PLC0415 - import after env is set
 
         cfg = self._cfg
@@ -80,9 +80,9 @@ class VllmEngine:
         return AsyncEngineArgs(
             model=str(self._model_dir),
             served_model_name=self.model_name,
-            dtype=cfg.dtype,
+            dtype=cfg.dtype,  # type: ignore[arg-type]  # validated by vLLM itself
             quantization=quantization,
-            kv_cache_dtype=cfg.kv_cache_dtype,
+            kv_cache_dtype=cfg.kv_cache_dtype,  # type: ignore[arg-type]  # same
             max_model_len=cfg.max_model_len,
             max_num_seqs=cfg.max_num_seqs,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -164,7 +164,9 @@ class VllmEngine:
         )
         self._running += 1
         try:
-            stream = self._llm.generate(TokensPrompt(prompt_token_ids=list(prompt.token_ids)), params, request_id)
+            stream = self._llm.generate(
+                TokensPrompt(prompt_token_ids=list(prompt.token_ids)), params, request_id
+            )
             async for out in stream:
                 completion = out.outputs[0]
                 yield Delta(

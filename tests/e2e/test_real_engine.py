@@ -1,0 +1,104 @@
+"""The real vLLM CPU engine behind the real MQTT path (marker e2e; one engine per test session)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import psutil
+import pytest
+from support import MODEL_DIR, WorkerProcess, peer
+
+from worker.client import Client
+from worker.config import BrokerConfig
+
+pytestmark = pytest.mark.e2e
+
+FACT_PROMPT = "What is the capital of France?"
+
+
+def hf_greedy(system_prompt: str, user: str, new_tokens: int) -> str:
+    """transformers' greedy answer for the same chat-templated prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.bfloat16)
+    chat = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
+    text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    return str(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+
+
+async def test_greedy_answer_matches_transformers(worker_process: WorkerProcess, projects):
+    async with Client(BrokerConfig(url=f"mqtt://127.0.0.1:{worker_process.port}")) as client:
+        reply = await client.ask("general", FACT_PROMPT, session="hf-compare", temperature=0, maxTokens=16)
+    assert reply.ok, reply
+    expected = await asyncio.to_thread(hf_greedy, projects["general"].system_prompt, FACT_PROMPT, 16)
+    assert reply.text == expected.strip()
+    assert "Paris" in reply.text
+    assert reply.raw["model"] == "smollm2-135m-instruct"
+
+
+async def test_eight_concurrent_requests_all_get_answers(worker_process: WorkerProcess):
+    async with Client(BrokerConfig(url=f"mqtt://127.0.0.1:{worker_process.port}")) as client:
+        started = time.monotonic()
+        replies = await asyncio.gather(
+            *(
+                client.ask(
+                    "maze",
+                    f"Wall ahead, opening on the left. Step {i}: which way?",
+                    session=f"c{i}",
+                    maxTokens=24,
+                    timeout_s=120,
+                )
+                for i in range(8)
+            )
+        )
+        elapsed = time.monotonic() - started
+    assert all(r.ok and r.text for r in replies), replies
+    print(f"\n[e2e] 8 concurrent answers in {elapsed:.1f} s")
+
+
+async def test_classic_client_gets_plain_text_and_session_history(worker_process: WorkerProcess):
+    topic = "driving/assistant_response/car-1"
+    async with peer(worker_process.port, [topic]) as p:
+        await p.publish(
+            "driving/user_input",
+            {"message": "My name is Ada. Say OK.", "sessionId": "car-1", "temperature": 0, "maxTokens": 16},
+        )
+        await p.wait_for(lambda got: len(got) >= 1, timeout_s=120)
+        await p.publish(
+            "driving/user_input",
+            {"message": "What is my name?", "sessionId": "car-1", "temperature": 0, "maxTokens": 16},
+        )
+        await p.wait_for(lambda got: len(got) >= 2, timeout_s=120)
+    texts = [m.payload.decode() for m in p.on(topic)]
+    assert all(t and not t.startswith("Error:") for t in texts), texts
+    assert not texts[0].lstrip().startswith("{")  # classic: plain text, not JSON
+    assert "Ada" in texts[1]  # the second turn saw the first
+
+
+async def test_context_too_long_is_a_typed_error(worker_process: WorkerProcess):
+    async with Client(BrokerConfig(url=f"mqtt://127.0.0.1:{worker_process.port}")) as client:
+        reply = await client.ask("general", "word " * 3000, session="long", maxTokens=16)
+    assert reply.error_code == "context_too_long"
+
+
+def test_zz_sigterm_stops_cleanly_within_10s_without_children(worker_process: WorkerProcess):
+    proc = psutil.Process(worker_process.proc.pid)
+    children = proc.children(recursive=True)
+    assert children, "vLLM's EngineCore runs as a child process"
+    started = time.monotonic()
+    worker_process.proc.send_signal(signal.SIGTERM)
+    code = worker_process.proc.wait(15)
+    elapsed = time.monotonic() - started
+    print(f"\n[e2e] SIGTERM to exit: {elapsed:.1f} s")
+    assert code == 0, worker_process.log()[-3000:]
+    assert elapsed < 10
+    _, alive = psutil.wait_procs(children, timeout=2)
+    assert not alive, f"children left behind: {alive}"
+    assert "vllm-worker: stopped" in worker_process.log()

@@ -1,0 +1,128 @@
+"""Test helpers: a running worker (fake engine) on an embedded broker bound to a free loopback port,
+a raw MQTT peer to talk to it, and the e2e worker-process record."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from worker.bus import Bus
+from worker.config import BrokerConfig, WorkerConfig
+from worker.engine.fake import FakeEngine
+from worker.message import InboundMessage
+from worker.projects import load_projects
+from worker.service import Service
+
+
+@dataclass
+class Peer:
+    """A raw MQTT client for tests: collects every message it receives."""
+
+    bus: Bus
+    received: list[InboundMessage] = field(default_factory=list)
+    _reader: asyncio.Task[None] | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def _read(self) -> None:
+        while True:
+            msg = await self.bus.messages()
+            self.bus.ack(msg)
+            self.received.append(msg)
+            self._changed.set()
+
+    async def publish(self, topic: str, payload: bytes | str | dict[str, Any]) -> None:
+        if isinstance(payload, dict):
+            payload = json.dumps(payload)
+        if isinstance(payload, str):
+            payload = payload.encode()
+        await self.bus.publish(topic, payload)
+
+    async def wait_for(
+        self, predicate: Callable[[list[InboundMessage]], bool], timeout_s: float = 10.0
+    ) -> list[InboundMessage]:
+        async with asyncio.timeout(timeout_s):
+            while not predicate(self.received):
+                self._changed.clear()
+                await self._changed.wait()
+        return self.received
+
+    def on(self, topic: str) -> list[InboundMessage]:
+        return [m for m in self.received if m.topic == topic]
+
+
+@contextlib.asynccontextmanager
+async def peer(port: int, topics: list[str], client_id: str = "test-peer") -> AsyncIterator[Peer]:
+    async with Bus(BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), client_id, protocol="3.1.1") as bus:
+        p = Peer(bus)
+        p._reader = asyncio.create_task(p._read())
+        if topics:
+            await bus.subscribe(topics)
+            await asyncio.sleep(0.05)  # SUBACK before the first publish (paho does not expose it per call)
+        try:
+            yield p
+        finally:
+            p._reader.cancel()
+
+
+@dataclass
+class RunningWorker:
+    service: Service
+    engine: FakeEngine
+    port: int
+    stop: asyncio.Event
+    task: asyncio.Task[int]
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    engine: FakeEngine | None = None, projects: list[str] | None = None, **overrides: Any
+) -> AsyncIterator[RunningWorker]:
+    """A Service with a FakeEngine on an embedded broker at a kernel-chosen loopback port."""
+    data: dict[str, Any] = {
+        "broker": {"embedded_port": 0},
+        "worker": {"projects": projects or ["maze", "driving"], "id": "test-worker"},
+    }
+    for section, values in overrides.items():
+        data.setdefault(section, {}).update(values)
+    cfg = WorkerConfig.model_validate(data)
+    engine = engine or FakeEngine()
+    service = Service(cfg, load_projects("topics", cfg.worker.projects), engine)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    async with asyncio.timeout(15):
+        await service.ready.wait()
+    assert service.broker_port is not None
+    try:
+        yield RunningWorker(service, engine, service.broker_port, stop, task)
+    finally:
+        stop.set()
+        async with asyncio.timeout(20):
+            await task
+
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen[str]
+    port: int
+    lines: list[str] = field(default_factory=list)
+    start_s: float = 0.0
+
+    def log(self) -> str:
+        return "".join(self.lines)
