@@ -106,6 +106,10 @@ class WorkerSection(_Section):
     max_inflight: int = Field(256, gt=0)
     """Requests accepted at once (running + waiting in the engine); more get `overloaded`."""
     retry_after_ms: int = Field(500, ge=0)
+    telemetry_interval_s: float = Field(5.0, gt=0)
+    """Period of `vllm-worker/{id}/telemetry` messages."""
+    project_telemetry: bool = False
+    """Also publish `{project}/telemetry`, narrowed to each project, for project dashboards."""
     drain_timeout_s: float = Field(5.0, ge=0)
     """In-flight requests get this long to finish on SIGTERM/Ctrl-C; the rest are answered `shutting_down`."""
 

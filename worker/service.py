@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import socket
 import time
 from collections import Counter
@@ -30,18 +29,21 @@ from worker.message import InboundMessage
 from worker.projects import Project
 from worker.protocol import Rejected, Request, Route, Topics
 from worker.replies import Outcome, Replier
+from worker.reports import ProjectReport, State, StatusReport, TelemetryReport
 from worker.sessions import SessionStore
+from worker.telemetry import GpuProbe, collect_process, engine_report, process_tree_pids
 
 log = structlog.get_logger(__name__)
 
 Say = Callable[[str], None]
 
 
-def default_worker_id() -> str:
-    """`{hostname}-{cpu|gpu}-0`; set `worker.id` when several workers share a host."""
+def default_worker_id(visible_devices: str | None) -> str:
+    """`{hostname}-{first GPU index or cpu}-0`; set `worker.id` when several workers share a device."""
     from worker.engine.vllm import gpu_present  # noqa: PLC0415 - cheap, no vllm import
 
-    return f"{socket.gethostname()}-{'gpu' if gpu_present() else 'cpu'}-0"
+    device = (visible_devices or "0").split(",")[0].strip() if gpu_present() else "cpu"
+    return f"{socket.gethostname()}-{device}-0"
 
 
 class Service:
@@ -58,9 +60,11 @@ class Service:
         self._projects = projects
         self._engine = engine
         self._say = say or (lambda _msg: None)
-        self.worker_id = cfg.worker.id or default_worker_id()
+        self.worker_id = cfg.worker.id or default_worker_id(cfg.model.visible_devices)
         self._topics = Topics(cfg.worker.topic_prefix)
         self._status_topic = f"{cfg.worker.topic_prefix}vllm-worker/{self.worker_id}/status"
+        self._telemetry_topic = f"{cfg.worker.topic_prefix}vllm-worker/{self.worker_id}/telemetry"
+        self._gpus = GpuProbe()
         self._admission = Admission(cfg.worker.max_inflight, cfg.worker.retry_after_ms)
         self._tasks: set[asyncio.Task[None]] = set()
         self._serving: dict[asyncio.Task[None], Request] = {}
@@ -103,9 +107,12 @@ class Service:
                 f"ready: projects {', '.join(self._projects)} on {self._broker_label(broker_cfg.endpoint())}"
             )
             intake = asyncio.create_task(self._intake(bus, stop))
+            telemetry = asyncio.create_task(self._telemetry_loop())
             await stop.wait()
             intake.cancel()
             await self._drain(bus)
+            telemetry.cancel()
+        await asyncio.to_thread(self._gpus.close)
         return self.exit_code
 
     def _broker_label(self, endpoint: tuple[str, int, bool]) -> str:
@@ -142,21 +149,24 @@ class Service:
         log.info("service.drained", requests=sum(v for (_, k), v in self.counters.items() if k == "requests"))
 
     # ---- status --------------------------------------------------------------------------------------
-    def _status_payload(self, state: str) -> bytes:
-        body = {
-            "state": state,
-            "worker": self.worker_id,
-            "projects": list(self._projects),
-            "model": self._cfg.model.name or self._cfg.model.path.rstrip("/").rsplit("/", 1)[-1],
-            "quantization": self._engine.quantization
-            if self.ready.is_set()
-            else self._cfg.model.quantization,
-            "version": __version__,
-            "since": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        return json.dumps(body).encode()
+    def _model_name(self) -> str:
+        return self._cfg.model.name or self._cfg.model.path.rstrip("/").rsplit("/", 1)[-1]
 
-    async def _publish_status(self, state: str) -> None:
+    def _quantization(self) -> str:
+        return self._engine.quantization if self.ready.is_set() else self._cfg.model.quantization
+
+    def _status_payload(self, state: State) -> bytes:
+        return StatusReport(
+            state=state,
+            worker=self.worker_id,
+            projects=list(self._projects),
+            model=self._model_name(),
+            quantization=self._quantization(),
+            version=__version__,
+            since=_now_iso(),
+        ).to_json()
+
+    async def _publish_status(self, state: State) -> None:
         if self._bus is None:
             return
         try:
@@ -164,6 +174,44 @@ class Service:
                 await self._bus.publish(self._status_topic, self._status_payload(state), qos=1, retain=True)
         except (TimeoutError, RuntimeError):
             log.warning("status.not_published", state=state)
+
+    # ---- telemetry -----------------------------------------------------------------------------------
+    async def telemetry(self) -> TelemetryReport:
+        """One telemetry snapshot; blocking collection (NVML, /proc) runs off the event loop."""
+        pids = await asyncio.to_thread(process_tree_pids)
+        gpus = await asyncio.to_thread(self._gpus.collect, pids)
+        process = await asyncio.to_thread(collect_process, self._started)
+        projects = {
+            name: ProjectReport(
+                requests=self.counters[(name, "requests")],
+                errors=self.counters[(name, "errors")],
+                rejected=self.counters[(name, "rejected")],
+                sessions=self._sessions.count(name) if self._sessions else 0,
+            )
+            for name in self._projects
+        }
+        return TelemetryReport(
+            ts=_now_iso(),
+            worker=self.worker_id,
+            model=self._model_name(),
+            quantization=self._quantization(),
+            gpus=gpus,
+            engine=engine_report(self._engine.stats()),
+            projects=projects,
+            process=process,
+        )
+
+    async def _telemetry_loop(self) -> None:
+        assert self._bus is not None  # noqa: S101 - started after the bus is up
+        prefix = self._cfg.worker.topic_prefix
+        while True:
+            report = await self.telemetry()
+            await self._bus.publish(self._telemetry_topic, report.to_json(), qos=0)
+            if self._cfg.worker.project_telemetry:
+                for name, counters in report.projects.items():
+                    narrowed = report.model_copy(update={"projects": {name: counters}})
+                    await self._bus.publish(f"{prefix}{name}/telemetry", narrowed.to_json(), qos=0)
+            await asyncio.sleep(self._cfg.worker.telemetry_interval_s)
 
     # ---- intake --------------------------------------------------------------------------------------
     async def _intake(self, bus: Bus, stop: asyncio.Event) -> None:
@@ -304,6 +352,10 @@ class Service:
     async def _publish_reply(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
         assert self._bus is not None  # noqa: S101
         await self._bus.publish(topic, payload, qos=1, correlation_data=correlation)
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _remaining_s(request: Request) -> float | None:

@@ -52,7 +52,8 @@ def worker_process() -> Iterator[WorkerProcess]:
     )
     w = WorkerProcess(proc, port)
     ready = threading.Event()
-    threading.Thread(target=_pump, args=(w, ready), daemon=True).start()
+    pump = threading.Thread(target=_pump, args=(w, ready), daemon=True)
+    pump.start()
     if not ready.wait(READY_TIMEOUT_S):
         proc.kill()
         pytest.fail(f"worker not ready within {READY_TIMEOUT_S} s:\n{w.log()[-4000:]}")
@@ -64,3 +65,6 @@ def worker_process() -> Iterator[WorkerProcess]:
             child.kill()
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+    pump.join(10)
+    assert proc.stderr is not None
+    proc.stderr.close()

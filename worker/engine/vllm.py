@@ -19,6 +19,7 @@ import structlog
 
 from worker.config import ModelConfig
 from worker.engine.base import ChatMessage, Delta, EngineStats, Prompt, Sampling
+from worker.engine.stats import StatsAggregator
 from worker.errors import BadRequestError, EngineDeadError, EngineError, OverloadedError
 
 log = structlog.get_logger(__name__)
@@ -53,7 +54,7 @@ class VllmEngine:
         self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
         self._quantization = "none"
         self._max_model_len = cfg.max_model_len
-        self._running = 0
+        self._stats = StatsAggregator()
         self.start_s = 0.0
 
     @property
@@ -96,7 +97,9 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM  # noqa: PLC0415 - heavy, env must be set first
 
         started = time.perf_counter()
-        self._llm = AsyncLLM.from_engine_args(self._engine_args(on_cpu=on_cpu))
+        self._llm = AsyncLLM.from_engine_args(
+            self._engine_args(on_cpu=on_cpu), stat_loggers=[_stat_logger_class(self._stats)]
+        )
         self.start_s = time.perf_counter() - started
         model_config = self._llm.model_config
         self._max_model_len = int(model_config.max_model_len)
@@ -162,7 +165,6 @@ class VllmEngine:
             ignore_eos=sampling.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
         )
-        self._running += 1
         try:
             stream = self._llm.generate(
                 TokensPrompt(prompt_token_ids=list(prompt.token_ids)), params, request_id
@@ -186,9 +188,31 @@ class VllmEngine:
             raise
         except Exception as exc:
             raise EngineError(type(exc).__name__) from exc
-        finally:
-            self._running -= 1
 
     def stats(self) -> EngineStats:
-        """Requests in flight through this adapter (full engine stats come with the stat logger)."""
-        return EngineStats(running=self._running)
+        """Aggregated vLLM stat-logger data (running, waiting, KV usage, rates, TTFT/TPOT p50)."""
+        return self._stats.snapshot()
+
+
+def _stat_logger_class(aggregator: StatsAggregator) -> type:
+    """A vLLM `StatLoggerBase` that feeds `aggregator` (vLLM instantiates the class per engine)."""
+    from vllm.v1.metrics.loggers import StatLoggerBase  # noqa: PLC0415
+
+    class _Logger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:  # noqa: ANN401
+            del vllm_config, engine_index
+
+        def record(
+            self,
+            scheduler_stats: Any,  # noqa: ANN401
+            iteration_stats: Any,  # noqa: ANN401
+            mm_cache_stats: Any = None,  # noqa: ANN401
+            engine_idx: int = 0,
+        ) -> None:
+            del mm_cache_stats, engine_idx
+            aggregator.record(scheduler_stats, iteration_stats)
+
+        def log_engine_initialized(self) -> None:
+            return None
+
+    return _Logger
