@@ -33,8 +33,20 @@ from worker.message import InboundMessage
 
 log = structlog.get_logger(__name__)
 
+V5_PROBE_TIMEOUT_S = 3.0
 UNSUPPORTED_PROTOCOL = 132  # v5 CONNACK reason "Unsupported Protocol Version" (amqtt answers v5 with it)
 NOT_AUTHORIZED = frozenset({4, 5, 134, 135})  # v3 rc 4/5, v5 "Bad user name or password"/"Not authorized"
+
+
+class _ShutdownNoise(logging.Filter):
+    """paho's network thread logs one ERROR "Client is not connected" after every clean disconnect."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+_PAHO_LOG = logging.getLogger("paho")
+_PAHO_LOG.addFilter(_ShutdownNoise())
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +93,11 @@ class Bus:
         self._loop = asyncio.get_running_loop()
         order = {"5": ["5"], "3.1.1": ["3.1.1"], "auto": ["5", "3.1.1"]}[self._protocol]
         for version in order:
-            connected, code = await self._connect(version)
+            probe = version == "5" and len(order) > 1
+            timeout_s = (
+                min(V5_PROBE_TIMEOUT_S, self._cfg.connect_timeout_s) if probe else self._cfg.connect_timeout_s
+            )
+            connected, code = await self._connect(version, timeout_s, probe)
             if connected:
                 return self
             refused_v5 = code is None or code.value == UNSUPPORTED_PROTOCOL
@@ -103,7 +119,8 @@ class Bus:
         for task in self._parked:
             task.cancel()
         if client is not None:
-            client.disconnect()
+            if client.is_connected():
+                client.disconnect()
             await asyncio.to_thread(client.loop_stop)
         for fut in self._pending.values():
             if not fut.done():
@@ -120,7 +137,7 @@ class Bus:
             manual_ack=True,
         )
         client.suppress_exceptions = True
-        client.enable_logger(logging.getLogger("paho"))  # swallowed callback errors still get logged
+        client.enable_logger(_PAHO_LOG)  # swallowed callback errors still get logged
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.max_inflight_messages_set(64)
         client.on_socket_open = _nodelay
@@ -138,32 +155,32 @@ class Bus:
             client.will_set(self._will.topic, self._will.payload, qos=1, retain=self._will.retain)
         return client
 
-    async def _connect(self, version: str) -> tuple[bool, ReasonCode | None]:
+    async def _connect(self, version: str, timeout_s: float, probe: bool) -> tuple[bool, ReasonCode | None]:
         """Connect with one protocol version.
 
-        Returns (True, None) on success, else (False, the refusal's reason code, or None when the
-        broker closed the connection without answering).
+        Returns (True, None) on success, else (False, the refusal's reason code, or None when the broker
+        closed the connection or, for a `probe`, did not answer in time: amqtt hangs on v5 CONNECTs that
+        carry properties, such as a Last Will's).
         """
         assert self._loop is not None  # noqa: S101 - set in __aenter__
         host, port, _ = self._cfg.endpoint()
         client = self._make_client(version)
         self._first_connack = self._loop.create_future()
         self._client = client
-        # No CONNECT properties: amqtt hangs on a v5 CONNECT that has any (without, it refuses cleanly).
         client.connect_async(host, port, keepalive=self._cfg.keepalive_s)
         client.loop_start()
         try:
-            async with asyncio.timeout(self._cfg.connect_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 code = await self._first_connack
         except TimeoutError:
-            client.loop_stop()
+            await self._abandon(client)
+            if probe:
+                return False, None
             raise BusConnectError(
-                f"cannot reach the MQTT broker at {host}:{port} within {self._cfg.connect_timeout_s:.0f} s"
+                f"cannot reach the MQTT broker at {host}:{port} within {timeout_s:.0f} s"
             ) from None
         if code is None or code.is_failure:
-            client.disconnect()
-            await asyncio.to_thread(client.loop_stop)
-            self._client = None
+            await self._abandon(client)
             return False, code
         self.is_v5 = version == "5"
         log.info(
@@ -174,6 +191,15 @@ class Bus:
             client_id=self._client_id,
         )
         return True, None
+
+    async def _abandon(self, client: mqtt.Client) -> None:
+        """Stop a client that never got connected (no DISCONNECT to send)."""
+        self._client = None
+        await asyncio.to_thread(client.loop_stop)
+        sock = client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
 
     # ---- paho network thread: hand everything to the loop, never block or raise ---------------------
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, code: ReasonCode, _p: Any) -> None:  # noqa: ANN401

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -19,7 +20,7 @@ from worker.config import ROOT, BrokerConfig, WorkerConfig, load, resolve_path
 from worker.errors import ConfigError
 from worker.models import DEMO_DIR, check_model_dir, is_prepared, prepare_demo
 
-COMMANDS = ("serve", "ask", "model")
+COMMANDS = ("serve", "ask", "model", "fleet")
 EXIT_CONFIG = 2
 
 
@@ -224,12 +225,87 @@ def model(argv: Sequence[str]) -> int:
     return 0
 
 
+def fleet(argv: Sequence[str]) -> int:
+    """Live table (or one JSON snapshot) of every worker seen on the broker."""
+    p = argparse.ArgumentParser(prog="vllm-worker fleet", description="Watch the workers on a broker.")
+    p.add_argument("--broker", default=os.environ.get("VLLM_WORKER_BROKER__URL", "mqtt://127.0.0.1:1883"))
+    p.add_argument("--topic-prefix", default="")
+    p.add_argument("--once", action="store_true", help="collect for --wait seconds, print once, exit")
+    p.add_argument("--json", action="store_true", help="with --once: print JSON instead of the table")
+    p.add_argument("--wait", type=float, default=6.0, help="seconds to listen with --once (default 6)")
+    p.add_argument("--prometheus", type=int, metavar="PORT", help="also serve /metrics on this port")
+    p.add_argument("--prometheus-host", default="127.0.0.1")
+    args = p.parse_args(argv)
+    from worker import log  # noqa: PLC0415
+    from worker.config import LogConfig  # noqa: PLC0415
+
+    log.setup(LogConfig(level="warning"))
+    try:
+        return asyncio.run(_fleet(args))
+    except ConfigError as exc:
+        say(f"error: {exc}")
+        return EXIT_CONFIG
+
+
+async def _fleet(args: argparse.Namespace) -> int:
+    import json  # noqa: PLC0415
+    import uuid  # noqa: PLC0415
+
+    from rich.console import Console  # noqa: PLC0415
+    from rich.live import Live  # noqa: PLC0415
+
+    from worker.bus import Bus  # noqa: PLC0415
+    from worker.fleet import FleetState, PrometheusCollector, render  # noqa: PLC0415
+
+    state = FleetState(topic_prefix=args.topic_prefix)
+    if args.prometheus:
+        from prometheus_client import REGISTRY, start_http_server  # noqa: PLC0415
+
+        REGISTRY.register(PrometheusCollector(state))
+        start_http_server(args.prometheus, addr=args.prometheus_host)
+        say(f"prometheus metrics on http://{args.prometheus_host}:{args.prometheus}/metrics")
+    broker = BrokerConfig(
+        url=args.broker,
+        username=os.environ.get("VLLM_WORKER_BROKER__USERNAME"),
+        password=os.environ.get("VLLM_WORKER_BROKER__PASSWORD"),
+    )
+    async with Bus(broker, f"fleet-{uuid.uuid4().hex[:8]}") as bus:
+
+        async def read() -> None:
+            while True:
+                msg = await bus.messages()
+                bus.ack(msg)
+                state.handle(msg.topic, msg.payload)
+
+        reader = asyncio.create_task(read())
+        await bus.subscribe(state.filters)
+        if args.once:
+            await asyncio.sleep(args.wait)
+            reader.cancel()
+            if args.json:
+                print(json.dumps(state.snapshot(), indent=2))
+            else:
+                Console().print(render(state))
+            return 0
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        with Live(render(state), refresh_per_second=2, screen=False) as live:
+            while not stop.is_set():
+                live.update(render(state))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5)
+        reader.cancel()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `vllm-worker` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else "serve"
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv
-    handlers = {"serve": serve, "ask": ask, "model": model}
+    handlers = {"serve": serve, "ask": ask, "model": model, "fleet": fleet}
     return handlers[command](rest)
 
 

@@ -150,10 +150,12 @@ class Service:
 
     # ---- status --------------------------------------------------------------------------------------
     def _model_name(self) -> str:
+        if self._replier is not None:  # the engine is up: report what it actually loaded
+            return self._engine.model_name
         return self._cfg.model.name or self._cfg.model.path.rstrip("/").rsplit("/", 1)[-1]
 
     def _quantization(self) -> str:
-        return self._engine.quantization if self.ready.is_set() else self._cfg.model.quantization
+        return self._engine.quantization if self._replier is not None else self._cfg.model.quantization
 
     def _status_payload(self, state: State) -> bytes:
         return StatusReport(

@@ -1,0 +1,204 @@
+"""The fleet view: every worker seen on a broker, from their retained status and periodic telemetry.
+
+`FleetState` folds status/telemetry messages (validated with the same models the workers publish),
+`render` draws the live rich table, `snapshot` gives the JSON for `--once --json`, and
+`PrometheusCollector` exposes the fleet with vLLM's metric names plus a `worker` label.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+from rich.table import Table
+from rich.text import Text
+
+from worker.reports import StatusReport, TelemetryReport
+
+STATE_STYLE = {
+    "ready": "green",
+    "starting": "yellow",
+    "draining": "yellow",
+    "offline": "bold red",
+    "stale": "red",
+}
+
+
+@dataclass
+class WorkerView:
+    """What the fleet knows about one worker."""
+
+    worker: str
+    status: StatusReport | None = None
+    telemetry: TelemetryReport | None = None
+    last_seen: float = 0.0
+
+    def state(self, now: float, stale_after_s: float) -> str:
+        """Reported state, or `stale` when a live-looking worker has gone silent."""
+        state = self.status.state if self.status else "unknown"
+        if state != "offline" and self.telemetry is not None and now - self.last_seen > stale_after_s:
+            return "stale"
+        return state
+
+
+@dataclass
+class FleetState:
+    """All workers by id; fed by `handle(topic, payload)`."""
+
+    topic_prefix: str = ""
+    stale_after_s: float = 30.0
+    clock: Callable[[], float] = time.time
+    workers: dict[str, WorkerView] = field(default_factory=dict)
+
+    @property
+    def filters(self) -> list[str]:
+        """Topics to subscribe."""
+        return [f"{self.topic_prefix}vllm-worker/+/status", f"{self.topic_prefix}vllm-worker/+/telemetry"]
+
+    def handle(self, topic: str, payload: bytes) -> bool:
+        """Fold one message in; False when it is not a (valid) fleet message."""
+        parts = topic.removeprefix(self.topic_prefix).split("/")
+        if len(parts) != 3 or parts[0] != "vllm-worker" or parts[2] not in ("status", "telemetry"):  # noqa: PLR2004
+            return False
+        try:
+            report: StatusReport | TelemetryReport = (
+                StatusReport.model_validate_json(payload)
+                if parts[2] == "status"
+                else TelemetryReport.model_validate_json(payload)
+            )
+        except ValidationError:
+            return False
+        view = self.workers.setdefault(parts[1], WorkerView(parts[1]))
+        if isinstance(report, StatusReport):
+            view.status = report
+        else:
+            view.telemetry = report
+        view.last_seen = self.clock()
+        return True
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """JSON-ready list, one object per worker (for scripts)."""
+        now = self.clock()
+        return [
+            {
+                "worker": v.worker,
+                "state": v.state(now, self.stale_after_s),
+                "lastSeenS": round(now - v.last_seen, 1),
+                "status": v.status.model_dump(by_alias=True) if v.status else None,
+                "telemetry": v.telemetry.model_dump(by_alias=True) if v.telemetry else None,
+            }
+            for v in sorted(self.workers.values(), key=lambda v: v.worker)
+        ]
+
+
+def _bar(used: int, total: int, width: int = 10) -> Text:
+    if total <= 0:
+        return Text("-")
+    frac = min(used / total, 1.0)
+    filled = round(frac * width)
+    style = "green" if frac < 0.8 else "yellow" if frac < 0.95 else "red"  # noqa: PLR2004
+    return (
+        Text("█" * filled, style=style)
+        + Text("░" * (width - filled))
+        + Text(f" {used // 1024}/{total // 1024}G")
+    )
+
+
+def render(fleet: FleetState) -> Table:
+    """The live table."""
+    table = Table(title=f"vllm-worker fleet ({len(fleet.workers)} workers)", expand=False)
+    for col in (
+        "worker",
+        "state",
+        "model",
+        "quant",
+        "projects",
+        "GPU mem",
+        "KV",
+        "run/wait",
+        "tok/s",
+        "TTFT p50",
+        "seen",
+    ):
+        table.add_column(col, no_wrap=col in ("worker", "GPU mem"))
+    now = fleet.clock()
+    for view in sorted(fleet.workers.values(), key=lambda v: v.worker):
+        state = view.state(now, fleet.stale_after_s)
+        status, tele = view.status, view.telemetry
+        eng = tele.engine if tele else None
+        gpu = Text("cpu") if tele is not None and not tele.gpus else Text("-")
+        if tele is not None and tele.gpus:
+            gpu = _bar(sum(g.mem_used_mib for g in tele.gpus), sum(g.mem_total_mib for g in tele.gpus))
+        table.add_row(
+            view.worker,
+            Text(state, style=STATE_STYLE.get(state, "")),
+            (status.model if status else tele.model if tele else "-"),
+            (tele.quantization if tele else status.quantization if status else "-"),
+            ", ".join(status.projects) if status else "-",
+            gpu,
+            f"{eng.kv_cache_usage:.0%}" if eng else "-",
+            f"{eng.running}/{eng.waiting}" if eng else "-",
+            f"{eng.gen_tok_per_s:.0f}" if eng else "-",
+            f"{eng.ttft_ms_p50:.0f} ms" if eng else "-",
+            f"{now - view.last_seen:.0f}s ago",
+        )
+    return table
+
+
+class PrometheusCollector:
+    """prometheus_client custom collector: the fleet's telemetry under vLLM's metric names."""
+
+    def __init__(self, fleet: FleetState) -> None:
+        self._fleet = fleet
+
+    def collect(self) -> Iterator[Any]:
+        """Called by prometheus_client at scrape time."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # noqa: PLC0415
+
+        gauges: dict[str, tuple[str, Callable[[TelemetryReport], float]]] = {
+            "vllm:num_requests_running": ("Requests in model execution batches", lambda t: t.engine.running),
+            "vllm:num_requests_waiting": ("Requests waiting to be processed", lambda t: t.engine.waiting),
+            "vllm:kv_cache_usage_perc": (
+                "KV-cache usage; 1 means 100 percent",
+                lambda t: t.engine.kv_cache_usage,
+            ),
+            "vllm_worker:prefix_cache_hit_rate": (
+                "Prefix-cache hit rate",
+                lambda t: t.engine.prefix_cache_hit_rate,
+            ),
+            "vllm_worker:generation_tokens_per_second": (
+                "Generated tokens/s",
+                lambda t: t.engine.gen_tok_per_s,
+            ),
+            "vllm_worker:time_to_first_token_p50_seconds": (
+                "TTFT p50",
+                lambda t: t.engine.ttft_ms_p50 / 1000,
+            ),
+            "vllm_worker:process_rss_bytes": ("Worker process-tree RSS", lambda t: t.process.rss_mib * 2**20),
+        }
+        views = [v for v in self._fleet.workers.values() if v.telemetry is not None]
+        for name, (doc, read) in gauges.items():
+            family = GaugeMetricFamily(name, doc, labels=["worker", "model_name"])
+            for v in views:
+                assert v.telemetry is not None  # noqa: S101
+                family.add_metric([v.worker, v.telemetry.model], float(read(v.telemetry)))
+            yield family
+        up = GaugeMetricFamily(
+            "vllm_worker:up", "1 when the worker's state is ready", labels=["worker", "state"]
+        )
+        mem = GaugeMetricFamily(
+            "vllm_worker:gpu_memory_used_bytes", "GPU memory used", labels=["worker", "gpu"]
+        )
+        total = CounterMetricFamily("vllm_worker:requests", "Requests accepted", labels=["worker", "project"])
+        now = self._fleet.clock()
+        for v in self._fleet.workers.values():
+            state = v.state(now, self._fleet.stale_after_s)
+            up.add_metric([v.worker, state], 1.0 if state == "ready" else 0.0)
+            for g in v.telemetry.gpus if v.telemetry else []:
+                mem.add_metric([v.worker, str(g.index)], float(g.mem_used_mib * 2**20))
+            for project, counters in (v.telemetry.projects if v.telemetry else {}).items():
+                total.add_metric([v.worker, project], float(counters.requests))
+        yield from (up, mem, total)
