@@ -9,7 +9,7 @@ EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(EXTRA)
 PROJECTS ?= maze driving
 
-.PHONY: install run test lint unit e2e model clean
+.PHONY: install run test lint unit e2e model clean mosquitto
 
 install: $(STAMP)
 
@@ -24,6 +24,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $@
 
+# Integration tests run a real Mosquitto (Debian package) on free loopback ports.
+mosquitto:
+	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+		else echo "mosquitto missing: sudo apt-get install mosquitto (its tests are skipped without it)" >&2; fi; }
+
 model: install
 	$(BIN)/vllm-worker model prepare
 
@@ -35,14 +42,14 @@ lint: install
 	$(BIN)/ruff format --check worker tests
 	$(BIN)/mypy
 
-unit: install
+unit: install mosquitto
 	$(BIN)/pytest -q -m "not e2e" tests
 
 e2e: model
 	$(BIN)/pytest -q -m e2e tests
 
 # pytest exits 5 when it collects nothing: that is a failure here, said out loud.
-test: model lint
+test: model mosquitto lint
 	@$(BIN)/pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: FAILED: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

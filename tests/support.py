@@ -6,12 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import shutil
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Callable
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from worker.bus import Bus
 from worker.config import BrokerConfig, WorkerConfig
@@ -58,8 +65,10 @@ class Peer:
 
 
 @contextlib.asynccontextmanager
-async def peer(port: int, topics: list[str], client_id: str = "test-peer") -> AsyncIterator[Peer]:
-    async with Bus(BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), client_id, protocol="3.1.1") as bus:
+async def peer(
+    port: int, topics: list[str], client_id: str = "test-peer", protocol: str = "3.1.1"
+) -> AsyncIterator[Peer]:
+    async with Bus(BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), client_id, protocol=protocol) as bus:
         p = Peer(bus)
         p._reader = asyncio.create_task(p._read())
         if topics:
@@ -126,3 +135,83 @@ class WorkerProcess:
 
     def log(self) -> str:
         return "".join(self.lines)
+
+
+MOSQUITTO = shutil.which("mosquitto") or (
+    "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+)
+
+
+class Mosquitto:
+    """A throw-away Mosquitto on a free loopback port (TCP_NODELAY, unlimited queues, no persistence)."""
+
+    def __init__(self, extra: str = "") -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="mosq-"))
+        self.dir.chmod(0o755)
+        self.conf = self.dir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"
+            "set_tcp_nodelay true\nmax_queued_messages 0\n" + extra
+        )
+        self.conf.chmod(0o644)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Mosquitto:
+        if MOSQUITTO is None:
+            msg = "mosquitto is not installed (apt-get install mosquitto; `make test` does it as root)"
+            if os.environ.get("CI"):
+                pytest.fail(msg)
+            pytest.skip(msg)
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+            else:
+                return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+
+@contextlib.contextmanager
+def worker_subprocess(
+    broker_url: str, worker_id: str, projects: list[str], **env: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A fake-engine worker process on `broker_url`; killed (with its children) on exit."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "worker",
+        "--engine",
+        "fake",
+        "--broker",
+        broker_url,
+        "--worker-id",
+        worker_id,
+        "--projects",
+        *projects,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)

@@ -30,7 +30,7 @@ def worker_process() -> Iterator[WorkerProcess]:
     if not (MODEL_DIR / "config.json").is_file():
         pytest.fail(f"demo model missing at {MODEL_DIR}: run `make model` (make test does it)")
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_WORKER_WORKER__TELEMETRY_INTERVAL_S": "1"}
     cmd = [
         sys.executable,
         "-m",

@@ -88,6 +88,33 @@ async def test_context_too_long_is_a_typed_error(worker_process: WorkerProcess):
     assert reply.error_code == "context_too_long"
 
 
+async def test_telemetry_carries_real_engine_stats(worker_process: WorkerProcess):
+    from worker.reports import TelemetryReport
+
+    topic = "vllm-worker/e2e-worker/telemetry"
+    async with peer(worker_process.port, [topic], client_id="e2e-telemetry") as p:
+        async with Client(BrokerConfig(url=f"mqtt://127.0.0.1:{worker_process.port}")) as client:
+            reply = await client.ask("general", "Count from one to ten.", session="tele", maxTokens=32)
+        assert reply.ok
+        await p.wait_for(
+            lambda got: any(
+                TelemetryReport.model_validate_json(m.payload).engine.gen_tok_per_s > 0 for m in got
+            ),
+            timeout_s=15,
+        )
+    report = next(
+        r
+        for r in (TelemetryReport.model_validate_json(m.payload) for m in p.received)
+        if r.engine.gen_tok_per_s > 0
+    )
+    print(f"\n[e2e] telemetry engine: {report.engine.model_dump(by_alias=True)}")
+    assert report.engine.ttft_ms_p50 > 0
+    assert report.engine.tpot_ms_p50 > 0
+    assert report.quantization == "none"
+    assert report.gpus == []
+    assert report.process.rss_mib > 200  # includes the engine-core child process
+
+
 def test_zz_sigterm_stops_cleanly_within_10s_without_children(worker_process: WorkerProcess):
     proc = psutil.Process(worker_process.proc.pid)
     children = proc.children(recursive=True)
