@@ -290,18 +290,20 @@ class Bus:
         self,
         topic: str,
         payload: bytes,
+        *,
         qos: int = 1,
         retain: bool = False,
         correlation_data: bytes | None = None,
+        wait: bool = True,
     ) -> None:
-        """Publish; for QoS1 wait until the broker acknowledged it (queued across reconnects)."""
+        """Publish; with QoS1 and `wait`, return once the broker has acked it (queued across reconnects)."""
         client = self._require()
         props = None
         if correlation_data is not None and self.is_v5:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.CorrelationData = correlation_data
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=props)
-        if qos == 0 or info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+        if qos == 0 or not wait or info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             return
         assert self._loop is not None  # noqa: S101
         fut = self._loop.create_future()

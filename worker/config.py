@@ -78,6 +78,8 @@ class ModelConfig(_Section):
     """None = eager on CPU (13 s start vs 110 s for torch.compile there), compiled on GPU."""
     cpu_kvcache_space_gib: int = Field(1, gt=0)
     enable_prefix_caching: bool = True
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    """"priority" lets a request's `priority` field (lower first) reorder the engine's waiting queue."""
 
 
 class GenerationConfig(_Section):
@@ -106,6 +108,14 @@ class WorkerSection(_Section):
     max_inflight: int = Field(256, gt=0)
     """Requests accepted at once (running + waiting in the engine); more get `overloaded`."""
     retry_after_ms: int = Field(500, ge=0)
+    stream_interval_ms: int = Field(50, ge=0)
+    """v2 streaming: at most one chunk per this many ms ..."""
+    stream_max_tokens: int = Field(16, gt=0)
+    """... or per this many tokens, whichever comes first."""
+    dedupe_window_s: float = Field(600.0, ge=0)
+    """A requestId seen within this window is not generated again (its final reply is re-sent)."""
+    dedupe_max_entries: int = Field(10_000, gt=0)
+    """Bound on remembered requestIds (oldest forgotten first): memory stays bounded."""
     telemetry_interval_s: float = Field(5.0, gt=0)
     """Period of `vllm-worker/{id}/telemetry` messages."""
     project_telemetry: bool = False

@@ -35,6 +35,15 @@ class SamplingLimits(BaseModel):
     max_message_chars: int = Field(32_000, gt=0)
 
 
+class RateLimit(BaseModel):
+    """Token bucket per (project, client): `requests_per_s` refill, `burst` capacity; None = unlimited."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_s: float | None = Field(None, gt=0)
+    burst: int = Field(10, gt=0)
+
+
 class Project(BaseModel):
     """One project's policy, the contents of `topics/{name}.toml`."""
 
@@ -46,6 +55,7 @@ class Project(BaseModel):
     strip_reasoning: bool = True
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     limits: SamplingLimits = Field(default_factory=SamplingLimits)
+    rate_limit: RateLimit = Field(default_factory=RateLimit)
 
 
 def load_project(path: Path) -> Project:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import jsonschema
+
 from worker.engine.base import ChatMessage, Sampling
 from worker.errors import (
     BadRequestError,
@@ -85,6 +87,25 @@ class Topics:
         """v2 reply topic (clientId, else sessionId)."""
         return f"{self.prefix}{project}/response/{who}"
 
+    def cancel(self, project: str) -> str:
+        """Cancellation topic."""
+        return f"{self.prefix}{project}/cancel"
+
+    def session_reset(self, project: str) -> str:
+        """Session-reset topic."""
+        return f"{self.prefix}{project}/session/reset"
+
+    def control_kind(self, topic: str) -> tuple[str, str] | None:
+        """("cancel" | "reset", project) for a control topic, else None."""
+        if not topic.startswith(self.prefix):
+            return None
+        parts = topic[len(self.prefix) :].split("/")
+        if len(parts) == 2 and parts[1] == "cancel":  # noqa: PLR2004 - {project}/cancel
+            return "cancel", parts[0]
+        if parts[1:] == ["session", "reset"]:
+            return "reset", parts[0]
+        return None
+
     def reply_prefix(self, project: str, dialect: Dialect) -> str:
         """Where a payload `replyTopic` must live for its dialect."""
         kind = "assistant_response" if dialect is Dialect.CLASSIC else "response"
@@ -137,6 +158,15 @@ class Request:
     def session_key(self) -> tuple[str, str]:
         """(project, sessionId): the history key."""
         return self.route.project, self.route.session_id
+
+
+@dataclass(frozen=True, slots=True)
+class FinalReply:
+    """What was published as a request's final reply, kept to answer QoS1 redeliveries."""
+
+    topic: str
+    payload: bytes
+    correlation_data: bytes | None
 
 
 class Rejected(Exception):  # noqa: N818 - it is an outcome, not an error of ours
@@ -281,8 +311,6 @@ class _Parser:
 
     def _request(self, body: dict[str, Any], project: Project) -> Request:
         assert self.route is not None  # noqa: S101 - set by _route_from
-        if "jsonSchema" in body:
-            raise self.fail(BadRequestError("jsonSchema is not supported by this worker version"))
         message, messages = self._text(body, project)
         system_prompt = _opt_str(body, "systemPrompt", self)
         if system_prompt is not None and len(system_prompt) > project.limits.max_message_chars:
@@ -367,6 +395,7 @@ class _Parser:
                 BadRequestError(f"stop must be a string or a list of at most {lim.max_stop_sequences}")
             )
         return Sampling(
+            json_schema=self._json_schema(body.get("jsonSchema")),
             # `is None`, never `or`: temperature 0 (greedy) must stay 0 (the old script's bug).
             temperature=min(d.temperature if temperature is None else temperature, lim.max_temperature),
             top_p=d.top_p if top_p is None else top_p,
@@ -375,6 +404,19 @@ class _Parser:
             stop=tuple(stop or ()),
             seed=seed,
         )
+
+    def _json_schema(self, schema: object) -> str | None:
+        if schema is None:
+            return None
+        if not isinstance(schema, dict):
+            raise self.fail(BadRequestError("jsonSchema must be a JSON Schema object"))
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            raise self.fail(
+                BadRequestError(f"jsonSchema is not a valid JSON Schema: {exc.message[:200]}")
+            ) from exc
+        return json.dumps(schema, sort_keys=True)
 
 
 def _with_topic(route: Route, topic: str) -> Route:
@@ -426,6 +468,56 @@ def parse(
 ) -> Request:
     """Validate one inbound message into a `Request`; raises `Rejected` (never anything else)."""
     return _Parser(msg, projects, topics, max_payload_bytes).run()
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """`{project}/cancel`: abort `request_id` (only its sender's clientId may, when it gave one)."""
+
+    project: str
+    request_id: str
+    client_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """`{project}/session/reset`: forget a session; `confirm` is the v2 route to confirm on, if any."""
+
+    project: str
+    session_id: str
+    confirm: Route | None
+
+
+def _control_body(msg: InboundMessage) -> dict[str, Any]:
+    try:
+        body = json.loads(msg.payload)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequestError("control payload must be a JSON object") from exc
+    if not isinstance(body, dict):
+        raise BadRequestError("control payload must be a JSON object")
+    return body
+
+
+def parse_control(msg: InboundMessage, kind: str, project: str, topics: Topics) -> Cancel | Reset:
+    """Validate a cancel or session-reset message; raises `BadRequestError` (answered nowhere: no route)."""
+    body = _control_body(msg)
+    client_id = body.get("clientId")
+    if client_id is not None and not is_valid_id(client_id):
+        raise BadRequestError("clientId must be 1-128 chars of [A-Za-z0-9_.:-]")
+    if kind == "cancel":
+        request_id = body.get("requestId")
+        if not is_valid_id(request_id):
+            raise BadRequestError("cancel needs a valid requestId")
+        return Cancel(project, str(request_id), client_id)
+    session = body.get("sessionId")
+    if not is_valid_id(session):
+        raise BadRequestError("session reset needs a valid sessionId")
+    confirm = None
+    if body.get("v") == 2 or msg.response_topic is not None:  # noqa: PLR2004
+        topic = msg.response_topic if is_safe_topic(msg.response_topic) else None
+        topic = topic or topics.v2_reply(project, client_id or str(session))
+        confirm = Route(project, Dialect.V2, topic, str(session), client_id, None, msg.correlation_data)
+    return Reset(project, str(session), confirm)
 
 
 def classic_answer(text: str) -> bytes:

@@ -1,15 +1,38 @@
-"""`Replier`: turns a request's outcome into wire messages (classic text or v2 JSON) and publishes them."""
+"""`Replier`: turns a request's progress into wire messages (classic text or v2 JSON) and publishes them.
+
+v2 streams are coalesced: a chunk goes out when `stream_max_tokens` tokens have accumulated or
+`stream_interval_ms` passed since the previous one, so a fast model does not flood the broker. `seq`
+rises by one per message of a request; the final message carries the whole text, usage and timing.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Protocol
 
 from worker.errors import WorkerError
-from worker.protocol import Dialect, Request, Route, classic_answer, classic_error, v2_error, v2_message
+from worker.protocol import (
+    Dialect,
+    FinalReply,
+    Request,
+    Route,
+    classic_answer,
+    classic_error,
+    v2_error,
+    v2_message,
+)
 
-Publish = Callable[[str, bytes, bytes | None], Awaitable[None]]
-"""(topic, payload, correlation data) -> published."""
+
+class Publish(Protocol):
+    """Publish one reply message; `wait` = until the broker acked it."""
+
+    def __call__(
+        self, topic: str, payload: bytes, correlation: bytes | None, *, wait: bool
+    ) -> Awaitable[None]:
+        """See the class docstring."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,23 +49,49 @@ class Outcome:
     total_ms: int
 
 
-class Replier:
-    """Publishes exactly one final message per request (stream chunks come with protocol v2)."""
+class Stream:
+    """One request's outgoing messages: coalesced v2 chunks (when asked for) and the final reply."""
 
-    def __init__(self, publish: Publish, model: str, worker: str) -> None:
-        self._publish = publish
-        self._model = model
-        self._worker = worker
+    def __init__(self, replier: Replier, request: Request) -> None:
+        self._replier = replier
+        self._request = request
+        self.route = request.route
+        self._seq = 0
+        self._pending = ""
+        self._pending_tokens = 0
+        self._last_flush = time.monotonic()
 
-    async def answer(self, request: Request, outcome: Outcome) -> None:
-        """Send the final answer."""
-        route = request.route
+    async def feed(self, text: str, tokens: int) -> None:
+        """New text from the engine; publishes a chunk when the coalescing window is full."""
+        if not self._request.stream:
+            return
+        self._pending += text
+        self._pending_tokens += tokens
+        now = time.monotonic()
+        window_s = self._replier.interval_ms / 1000
+        if self._pending and (
+            self._pending_tokens >= self._replier.max_tokens or now - self._last_flush >= window_s
+        ):
+            await self._flush(now)
+
+    async def _flush(self, now: float) -> None:
+        self._seq += 1
+        route = self._request.route
+        payload = v2_message(route, self._seq, done=False, delta=self._pending)
+        self._pending, self._pending_tokens, self._last_flush = "", 0, now
+        # Chunks do not wait for PUBACK (ordering holds per topic); only the final reply does.
+        await self._replier.publish(route.topic, payload, route.correlation_data, wait=False)
+
+    async def finish(self, outcome: Outcome) -> FinalReply:
+        """Send the final answer (any pending chunk text is part of its whole `text`)."""
+        route = self._request.route
+        self._seq += 1
         if route.dialect is Dialect.CLASSIC:
             payload = classic_answer(outcome.text)
         else:
             payload = v2_message(
                 route,
-                1,
+                self._seq,
                 done=True,
                 text=outcome.text,
                 finishReason=outcome.finish_reason,
@@ -52,15 +101,42 @@ class Replier:
                     "cachedTokens": outcome.cached_tokens,
                 },
                 timing={"queueMs": outcome.queue_ms, "ttftMs": outcome.ttft_ms, "totalMs": outcome.total_ms},
-                model=self._model,
-                worker=self._worker,
+                model=self._replier.model,
+                worker=self._replier.worker,
             )
-        await self._publish(route.topic, payload, route.correlation_data)
+        return await self._replier.send_final(route, payload)
 
-    async def fail(self, route: Route, error: WorkerError) -> None:
-        """Send the final error."""
+    async def fail(self, error: WorkerError) -> FinalReply:
+        """Send the final error (continuing this request's seq)."""
+        self._seq += 1
+        return await self._replier.fail(self._request.route, error, self._seq)
+
+
+class Replier:
+    """Publishes exactly one final message per request, plus coalesced chunks for v2 streams."""
+
+    def __init__(
+        self, publish: Publish, model: str, worker: str, interval_ms: int = 50, max_tokens: int = 16
+    ) -> None:
+        self.publish = publish
+        self.model = model
+        self.worker = worker
+        self.interval_ms = interval_ms
+        self.max_tokens = max_tokens
+
+    def stream(self, request: Request) -> Stream:
+        """The message sequence of one request."""
+        return Stream(self, request)
+
+    async def send_final(self, route: Route, payload: bytes) -> FinalReply:
+        """Publish a final message and wait for the broker's ack."""
+        await self.publish(route.topic, payload, route.correlation_data, wait=True)
+        return FinalReply(route.topic, payload, route.correlation_data)
+
+    async def fail(self, route: Route, error: WorkerError, seq: int = 1) -> FinalReply:
+        """Send a final error."""
         if route.dialect is Dialect.CLASSIC:
             payload = classic_error(error)
         else:
-            payload = v2_error(route, 1, error, self._model, self._worker)
-        await self._publish(route.topic, payload, route.correlation_data)
+            payload = v2_error(route, seq, error, self.model, self.worker)
+        return await self.send_final(route, payload)

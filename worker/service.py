@@ -19,16 +19,23 @@ from typing import Any
 import structlog
 
 from worker import __version__, protocol
-from worker.admission import Admission
+from worker.admission import Admission, Seen
 from worker.broker import EmbeddedBroker
 from worker.bus import Bus, Will
 from worker.config import WorkerConfig
 from worker.engine.base import Engine, Prompt
-from worker.errors import EngineDeadError, EngineError, ExpiredError, ShuttingDownError, WorkerError
+from worker.errors import (
+    CancelledError,
+    EngineDeadError,
+    EngineError,
+    ExpiredError,
+    ShuttingDownError,
+    WorkerError,
+)
 from worker.message import InboundMessage
 from worker.projects import Project
-from worker.protocol import Rejected, Request, Route, Topics
-from worker.replies import Outcome, Replier
+from worker.protocol import Cancel, Dialect, FinalReply, Rejected, Request, Route, Topics
+from worker.replies import Outcome, Replier, Stream
 from worker.reports import ProjectReport, State, StatusReport, TelemetryReport
 from worker.sessions import SessionStore
 from worker.telemetry import GpuProbe, collect_process, engine_report, process_tree_pids
@@ -65,9 +72,12 @@ class Service:
         self._status_topic = f"{cfg.worker.topic_prefix}vllm-worker/{self.worker_id}/status"
         self._telemetry_topic = f"{cfg.worker.topic_prefix}vllm-worker/{self.worker_id}/telemetry"
         self._gpus = GpuProbe()
-        self._admission = Admission(cfg.worker.max_inflight, cfg.worker.retry_after_ms)
+        self._admission = Admission(cfg.worker, projects)
         self._tasks: set[asyncio.Task[None]] = set()
         self._serving: dict[asyncio.Task[None], Request] = {}
+        self._by_id: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._finals: dict[asyncio.Task[None], FinalReply] = {}
+        self._cancel_reasons: dict[asyncio.Task[None], WorkerError] = {}
         self._warned_fields: set[str] = set()
         self._started = time.monotonic()
         self.counters: Counter[tuple[str, str]] = Counter()
@@ -99,8 +109,8 @@ class Service:
             finally:
                 ticker.cancel()
             self._sessions = SessionStore(self._cfg.sessions, engine)
-            self._replier = Replier(self._publish_reply, engine.model_name, self.worker_id)
-            await bus.subscribe(self._request_filters())
+            self._replier = self._make_replier(engine.model_name)
+            await bus.subscribe(self._control_filters() + self._request_filters())
             await self._publish_status("ready")
             self.ready.set()
             self._say(
@@ -130,6 +140,13 @@ class Service:
         for name in self._projects:
             filters += [self._topics.user_input(name), self._topics.user_input_sessions(name)]
         return filters
+
+    def _control_filters(self) -> list[str]:
+        return [
+            t
+            for name in self._projects
+            for t in (self._topics.cancel(name), self._topics.session_reset(name))
+        ]
 
     async def _drain(self, bus: Bus) -> None:
         """Stop intake, let in-flight requests finish within drain_timeout_s, answer the rest."""
@@ -219,41 +236,75 @@ class Service:
     async def _intake(self, bus: Bus, stop: asyncio.Event) -> None:
         while not stop.is_set():
             msg = await bus.messages()
-            self._accept(msg, stop)
+            control = self._topics.control_kind(msg.topic)
+            if control is None:
+                self._accept(msg, stop)
+            else:
+                self._control(msg, *control)
             bus.ack(msg)  # accepted (or answered): the request is ours now
 
     def _accept(self, msg: InboundMessage, stop: asyncio.Event) -> None:
-        """Parse and admit one message; never raises. Every outcome ends in one reply task."""
+        """Parse, dedupe and admit one request; never raises. Every outcome ends in one reply task."""
         try:
             request = protocol.parse(msg, self._projects, self._topics, self._cfg.worker.max_payload_bytes)
         except Rejected as rejected:
-            project = rejected.route.project if rejected.route else "?"
-            self.counters[(project, "rejected")] += 1
-            log.info(
-                "request.rejected",
-                project=project,
-                code=str(rejected.error.code),
-                reason=rejected.error.message,
-            )
+            self._count(rejected.route.project if rejected.route else "?", "rejected")
             if rejected.route is None:
                 log.warning("request.unroutable", topic=msg.topic[:128], reason=rejected.error.message)
                 return
             self._spawn(self._fail(rejected.route, rejected.error))
             return
         self._warn_unknown(request)
-        if self._admission.is_duplicate(request):
-            self.counters[(request.route.project, "duplicates")] += 1
-            log.info("request.duplicate_dropped", request_id=request.request_id)
+        seen, final = self._admission.seen(request)
+        if seen is not Seen.NEW:
+            self._count(request.route.project, "duplicates")
+            log.info("request.duplicate", request_id=request.request_id, state=seen.value)
+            if final is not None:
+                self._spawn(self._resend(final))
             return
         try:
             self._admission.admit(request)
         except WorkerError as err:
-            self.counters[(request.route.project, "rejected")] += 1
+            self._count(request.route.project, "rejected")
             self._spawn(self._fail(request.route, err))
             return
-        self.counters[(request.route.project, "requests")] += 1
+        self._count(request.route.project, "requests")
         task = self._spawn(self._serve(request, stop))
         self._serving[task] = request
+        self._by_id[(request.route.project, request.request_id)] = task
+
+    def _control(self, msg: InboundMessage, kind: str, project: str) -> None:
+        """Cancel or session reset; malformed ones are logged (there is no route to answer on)."""
+        if project not in self._projects:
+            return
+        try:
+            command = protocol.parse_control(msg, kind, project, self._topics)
+        except WorkerError as err:
+            log.info("control.rejected", project=project, kind=kind, reason=err.message)
+            return
+        if isinstance(command, Cancel):
+            self._cancel(command)
+            return
+        assert self._sessions is not None  # noqa: S101 - set before intake starts
+        existed = self._sessions.reset((project, command.session_id))
+        log.info("session.reset", project=project, session_id=command.session_id, existed=existed)
+        if command.confirm is not None:
+            body = protocol.v2_message(command.confirm, 1, reset=True)
+            self._spawn(
+                self._publish_reply(command.confirm.topic, body, command.confirm.correlation_data, wait=True)
+            )
+
+    def _cancel(self, command: Cancel) -> None:
+        task = self._by_id.get((command.project, command.request_id))
+        request = self._serving.get(task) if task is not None else None
+        if task is None or request is None:
+            log.info("request.cancel_unknown", request_id=command.request_id)
+            return
+        if request.route.client_id is not None and command.client_id != request.route.client_id:
+            log.warning("request.cancel_refused", request_id=command.request_id, reason="clientId mismatch")
+            return
+        self._cancel_reasons[task] = CancelledError()
+        task.cancel()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
@@ -263,9 +314,14 @@ class Service:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._cancel_reasons.pop(task, None)
         request = self._serving.pop(task, None)
         if request is not None:
-            self._admission.release(request)
+            self._by_id.pop((request.route.project, request.request_id), None)
+            self._admission.release(request, self._finals.pop(task, None))
+
+    def _count(self, project: str, what: str) -> None:
+        self.counters[(project, what)] += 1
 
     def _warn_unknown(self, request: Request) -> None:
         new = [f for f in request.unknown_fields if f not in self._warned_fields]
@@ -278,6 +334,9 @@ class Service:
         """Request -> sessions -> engine -> reply; exactly one final reply whatever happens."""
         assert self._sessions is not None  # noqa: S101 - set before intake starts
         assert self._replier is not None  # noqa: S101
+        task = asyncio.current_task()
+        assert task is not None  # noqa: S101
+        stream = self._replier.stream(request)
         log.debug(
             "request.accepted",
             project=request.route.project,
@@ -288,9 +347,9 @@ class Service:
             async with self._sessions.lock_for(request):
                 prompt = await self._sessions.build_prompt(request)
                 async with asyncio.timeout(_remaining_s(request)):
-                    outcome = await self._generate(request, prompt)
+                    outcome = await self._generate(request, prompt, stream)
                 await self._sessions.record(request, outcome.text)
-            await self._replier.answer(request, outcome)
+            self._finals[task] = await stream.finish(outcome)
             log.info(
                 "request.done",
                 project=request.route.project,
@@ -300,34 +359,43 @@ class Service:
                 tokens=outcome.completion_tokens,
             )
         except TimeoutError:
-            await self._fail(request.route, ExpiredError(f"deadline of {request.deadline_ms} ms passed"))
+            await self._fail_stream(
+                task, stream, ExpiredError(f"deadline of {request.deadline_ms} ms passed")
+            )
         except WorkerError as err:
-            await self._fail(request.route, err)
+            await self._fail_stream(task, stream, err)
         except EngineDeadError:
             log.exception("engine.died")
-            await self._fail(request.route, EngineError("the engine stopped"))
+            await self._fail_stream(task, stream, EngineError("the engine stopped"))
             self.exit_code = 1
             stop.set()
         except asyncio.CancelledError:
-            await self._fail(request.route, ShuttingDownError())
-            raise
+            reason = self._cancel_reasons.get(task, ShuttingDownError())
+            if isinstance(reason, CancelledError) and request.route.dialect is Dialect.CLASSIC:
+                self._count(request.route.project, "cancelled")  # classic: nothing further (PROTOCOL 4)
+            else:
+                await self._fail_stream(task, stream, reason)
+            if not isinstance(reason, CancelledError):
+                raise
         except Exception:
             log.exception("request.failed", request_id=request.request_id)
-            await self._fail(request.route, EngineError())
+            await self._fail_stream(task, stream, EngineError())
 
-    async def _generate(self, request: Request, prompt: Prompt) -> Outcome:
+    async def _generate(self, request: Request, prompt: Prompt, stream: Stream) -> Outcome:
         parts: list[str] = []
         tokens = cached = 0
         finish = "stop"
         started = time.monotonic()
         first_token_at: float | None = None
-        async for delta in self._engine.generate(prompt, request.sampling, request.request_id):
+        deltas = self._engine.generate(prompt, request.sampling, request.request_id, self._priority(request))
+        async for delta in deltas:
             if first_token_at is None and delta.new_tokens:
                 first_token_at = time.monotonic()
             parts.append(delta.text)
             tokens += delta.new_tokens
             cached = max(cached, delta.cached_tokens)
             finish = delta.finish_reason or finish
+            await stream.feed(delta.text, delta.new_tokens)
         text = "".join(parts)
         text = protocol.strip_reasoning(text) if request.project.strip_reasoning else text.strip()
         now = time.monotonic()
@@ -342,18 +410,40 @@ class Service:
             total_ms=round((now - request.received_at) * 1000),
         )
 
+    def _priority(self, request: Request) -> int:
+        if self._cfg.model.scheduling_policy == "priority":
+            return request.priority
+        if request.priority and "priority" not in self._warned_fields:
+            self._warned_fields.add("priority")
+            log.warning("request.priority_ignored", reason="model.scheduling_policy is fcfs")
+        return 0
+
+    async def _fail_stream(self, task: asyncio.Task[None], stream: Stream, error: WorkerError) -> None:
+        self._count(stream.route.project, "errors")
+        log.info("request.failed_reply", project=stream.route.project, code=str(error.code))
+        self._finals[task] = await stream.fail(error)
+
     async def _fail(self, route: Route, error: WorkerError) -> None:
-        assert self._replier is not None or self._bus is not None  # noqa: S101
-        self.counters[(route.project, "errors")] += 1
+        """Answer a request that was never admitted."""
+        self._count(route.project, "errors")
         log.info(
             "request.failed_reply", project=route.project, code=str(error.code), request_id=route.request_id
         )
-        replier = self._replier or Replier(self._publish_reply, self._engine.model_name, self.worker_id)
+        replier = self._replier or self._make_replier(self._engine.model_name)
         await replier.fail(route, error)
 
-    async def _publish_reply(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
+    async def _resend(self, final: FinalReply) -> None:
+        await self._publish_reply(final.topic, final.payload, final.correlation_data, wait=True)
+
+    def _make_replier(self, model: str) -> Replier:
+        w = self._cfg.worker
+        return Replier(self._publish_reply, model, self.worker_id, w.stream_interval_ms, w.stream_max_tokens)
+
+    async def _publish_reply(
+        self, topic: str, payload: bytes, correlation: bytes | None, *, wait: bool
+    ) -> None:
         assert self._bus is not None  # noqa: S101
-        await self._bus.publish(topic, payload, qos=1, correlation_data=correlation)
+        await self._bus.publish(topic, payload, qos=1, correlation_data=correlation, wait=wait)
 
 
 def _now_iso() -> str:

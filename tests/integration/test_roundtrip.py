@@ -82,7 +82,7 @@ async def test_v2_reply_is_json_with_request_id():
 async def test_overload_is_refused_at_once_with_overloaded():
     engine = FakeEngine(token_delay_s=0.2)
     async with (
-        running_worker(engine, worker={"max_inflight": 2}) as w,
+        running_worker(engine, projects=["maze"], worker={"max_inflight": 2}) as w,
         peer(w.port, ["maze/response/+"]) as p,
     ):
         await asyncio.gather(

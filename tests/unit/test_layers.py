@@ -20,7 +20,7 @@ ALLOWED = {
     "reports": set(),
     "telemetry": {"engine.base", "reports"},
     "protocol": {"projects", "engine.base", "errors", "message"},
-    "admission": {"protocol", "errors"},
+    "admission": {"protocol", "errors", "config", "projects"},
     "sessions": {"protocol", "engine.base", "errors", "config"},
     "replies": {"protocol", "errors"},
     "bus": {"config", "errors", "message"},

@@ -197,7 +197,8 @@ def test_project_defaults_apply(p, projects):
         {"messages": [{"role": "robot", "content": "x"}]},
         {"messages": [{"role": "assistant", "content": "x"}]},
         {"systemPrompt": 5},
-        {"jsonSchema": {"type": "object"}},
+        {"jsonSchema": {"type": "object", "properties": 5}},
+        {"jsonSchema": "not an object"},
     ],
 )
 def test_invalid_fields_are_bad_request(p, fields):

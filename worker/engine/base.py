@@ -41,6 +41,8 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    json_schema: str | None = None
+    """Constrain the answer to this JSON schema (serialised), via vLLM structured outputs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +104,13 @@ class Engine(Protocol):
         """Tokens in `text` without any template."""
         ...
 
-    def generate(self, prompt: Prompt, sampling: Sampling, request_id: str) -> AsyncIterator[Delta]:
-        """Stream deltas; cancelling the consumer aborts the request and frees its KV cache."""
+    def generate(
+        self, prompt: Prompt, sampling: Sampling, request_id: str, priority: int = 0
+    ) -> AsyncIterator[Delta]:
+        """Stream deltas; cancelling the consumer aborts the request and frees its KV cache.
+
+        `priority` (lower first) matters only when the engine schedules by priority.
+        """
         ...
 
     def stats(self) -> EngineStats:

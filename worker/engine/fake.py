@@ -7,6 +7,7 @@ answer, one word per `token_delay_s`. Concurrent requests sleep concurrently, li
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Self
@@ -21,6 +22,25 @@ def echo_script(prompt: Prompt) -> str:
     """Answer with how many user turns the prompt holds and the last user message."""
     users = [m.content for m in prompt.messages if m.role == "user"]
     return f"echo {len(users)}: {users[-1] if users else ''}"
+
+
+def schema_example(schema_json: str) -> str:
+    """A minimal JSON instance of an object schema (what a constrained decoder could produce)."""
+    schema = json.loads(schema_json)
+    defaults = {
+        "string": "",
+        "number": 0,
+        "integer": 0,
+        "boolean": False,
+        "array": [],
+        "object": {},
+        "null": None,
+    }
+    props = schema.get("properties", {}) if isinstance(schema, dict) else {}
+    instance = {
+        name: defaults.get(str(spec.get("type"))) for name, spec in props.items() if isinstance(spec, dict)
+    }
+    return json.dumps(instance)
 
 
 class FakeEngine:
@@ -42,6 +62,7 @@ class FakeEngine:
         self.running = 0
         self.max_running_seen = 0
         self.aborted: list[str] = []
+        self.priorities: list[int] = []
 
     @property
     def model_name(self) -> str:
@@ -76,9 +97,13 @@ class FakeEngine:
         """Whitespace tokens."""
         return len(text.split())
 
-    async def generate(self, prompt: Prompt, sampling: Sampling, request_id: str) -> AsyncIterator[Delta]:
-        """Yield the scripted answer word by word."""
-        words = self._script(prompt).split(" ")
+    async def generate(
+        self, prompt: Prompt, sampling: Sampling, request_id: str, priority: int = 0
+    ) -> AsyncIterator[Delta]:
+        """Yield the scripted answer word by word (a schema-shaped JSON object when a schema is given)."""
+        self.priorities.append(priority)
+        answer = schema_example(sampling.json_schema) if sampling.json_schema else self._script(prompt)
+        words = answer.split(" ")
         limit = min(len(words), sampling.max_tokens)
         self.running += 1
         self.max_running_seen = max(self.max_running_seen, self.running)
