@@ -91,11 +91,14 @@ class RunningWorker:
 
 @contextlib.asynccontextmanager
 async def running_worker(
-    engine: FakeEngine | None = None, projects: list[str] | None = None, **overrides: Any
+    engine: FakeEngine | None = None,
+    projects: list[str] | None = None,
+    broker_url: str | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[RunningWorker]:
-    """A Service with a FakeEngine on an embedded broker at a kernel-chosen loopback port."""
+    """A Service with a FakeEngine on an embedded broker on a free loopback port (or on `broker_url`)."""
     data: dict[str, Any] = {
-        "broker": {"embedded_port": 0},
+        "broker": {"embedded_port": 0} if broker_url is None else {"url": broker_url},
         "worker": {"projects": projects or ["maze", "driving"], "id": "test-worker"},
     }
     for section, values in overrides.items():
@@ -107,9 +110,10 @@ async def running_worker(
     task = asyncio.create_task(service.run(stop))
     async with asyncio.timeout(15):
         await service.ready.wait()
-    assert service.broker_port is not None
+    port = service.broker_port if broker_url is None else int(broker_url.rsplit(":", 1)[1])
+    assert port is not None
     try:
-        yield RunningWorker(service, engine, service.broker_port, stop, task)
+        yield RunningWorker(service, engine, port, stop, task)
     finally:
         stop.set()
         async with asyncio.timeout(20):

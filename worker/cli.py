@@ -168,6 +168,7 @@ def ask(argv: Sequence[str]) -> int:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     args = p.parse_args(argv)
     from worker import log  # noqa: PLC0415
     from worker.client import Client  # noqa: PLC0415

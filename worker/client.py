@@ -1,8 +1,12 @@
 """An asyncio client for apps that talk to a vllm-worker fleet (v2 dialect: JSON replies, correlation).
 
-async with Client(BrokerConfig(url="mqtt://127.0.0.1:1883")) as client:
-    reply = await client.ask("maze", "Which way is out?", session="s1")
-    print(reply.text)
+    async with Client(BrokerConfig(url="mqtt://127.0.0.1:1883")) as client:
+        reply = await client.ask("maze", "Which way is out?", session="s1")
+        async for chunk in client.stream("maze", "Describe the room", session="s1"):
+            print(chunk.delta, end="")            # the last chunk has done=True and the full reply
+
+`ask` retries after `timeout_s` with the same requestId (`retries`), which the worker's dedupe makes
+safe: a request is never generated twice, and a redelivered final reply is simply re-sent.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -38,15 +43,28 @@ class Reply:
         return self.error_code is None
 
 
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One streamed message: its `delta` text; the last one (`done`) also has the final `reply`.
+
+    The deltas of a stream add up to the reply's text.
+    """
+
+    seq: int
+    delta: str
+    done: bool
+    reply: Reply | None = None
+
+
 class Client:
-    """One MQTT connection; any number of concurrent `ask` calls."""
+    """One MQTT connection; any number of concurrent requests."""
 
     def __init__(self, broker: BrokerConfig, client_id: str | None = None, topic_prefix: str = "") -> None:
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
         self._bus = Bus(broker, self.client_id)
         self._topics = Topics(topic_prefix)
         self._subscribed: set[str] = set()
-        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._inboxes: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
@@ -73,30 +91,21 @@ class Client:
                 body = json.loads(msg.payload)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
-            if not isinstance(body, dict) or not body.get("done"):
+            if not isinstance(body, dict):
                 continue
-            fut = self._waiting.pop(str(body.get("requestId")), None)
-            if fut is not None and not fut.done():
-                fut.set_result(_reply(body))
+            # requests are keyed by requestId; a session-reset confirmation has none
+            key = str(body["requestId"]) if body.get("requestId") else f"reset:{body.get('sessionId')}"
+            if (inbox := self._inboxes.get(key)) is not None:
+                inbox.put_nowait(body)
 
-    async def ask(
-        self,
-        project: str,
-        message: str,
-        *,
-        session: str = "default",
-        timeout_s: float = 120.0,
-        request_id: str | None = None,
-        **fields: Any,  # noqa: ANN401 - protocol fields (temperature, maxTokens, ...)
-    ) -> Reply:
-        """Send one request and wait for its final reply (raises TimeoutError after `timeout_s`)."""
-        reply_topic = self._topics.v2_reply(project, self.client_id)
-        if reply_topic not in self._subscribed:
-            self._subscribed.add(reply_topic)
-            await self._bus.subscribe([reply_topic])
-        request_id = request_id or uuid.uuid4().hex
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = fut
+    async def _ensure_subscribed(self, project: str) -> str:
+        topic = self._topics.v2_reply(project, self.client_id)
+        if topic not in self._subscribed:
+            self._subscribed.add(topic)
+            await self._bus.subscribe([topic])
+        return topic
+
+    def _body(self, message: str, session: str, request_id: str, fields: dict[str, Any]) -> bytes:
         body = {
             "v": 2,
             "message": message,
@@ -105,12 +114,96 @@ class Client:
             "requestId": request_id,
         }
         body.update(fields)
+        return json.dumps(body).encode()
+
+    async def stream(
+        self,
+        project: str,
+        message: str,
+        *,
+        session: str = "default",
+        timeout_s: float = 120.0,
+        request_id: str | None = None,
+        **fields: Any,  # noqa: ANN401 - protocol fields (temperature, maxTokens, ...)
+    ) -> AsyncIterator[Chunk]:
+        """Send a streaming request; yields chunks in `seq` order, the last one `done` with the reply.
+
+        `timeout_s` bounds the wait for each next message.
+        """
+        await self._ensure_subscribed(project)
+        request_id = request_id or uuid.uuid4().hex
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._inboxes[request_id] = inbox
         try:
-            await self._bus.publish(self._topics.user_input(project), json.dumps(body).encode())
-            async with asyncio.timeout(timeout_s):
-                return await fut
+            payload = self._body(message, session, request_id, {**fields, "stream": True})
+            await self._bus.publish(self._topics.user_input(project), payload)
+            while True:
+                async with asyncio.timeout(timeout_s):
+                    body = await inbox.get()
+                if body.get("done"):
+                    yield Chunk(
+                        int(body.get("seq", 0)), str(body.get("delta", "")), done=True, reply=_reply(body)
+                    )
+                    return
+                yield Chunk(int(body.get("seq", 0)), str(body.get("delta", "")), done=False)
         finally:
-            self._waiting.pop(request_id, None)
+            self._inboxes.pop(request_id, None)
+
+    async def ask(
+        self,
+        project: str,
+        message: str,
+        *,
+        session: str = "default",
+        timeout_s: float = 120.0,
+        retries: int = 0,
+        request_id: str | None = None,
+        **fields: Any,  # noqa: ANN401 - protocol fields (temperature, maxTokens, ...)
+    ) -> Reply:
+        """Send one request and wait for its final reply; resend (same requestId) up to `retries` times."""
+        await self._ensure_subscribed(project)
+        request_id = request_id or uuid.uuid4().hex
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._inboxes[request_id] = inbox
+        payload = self._body(message, session, request_id, fields)
+        try:
+            for attempt in range(retries + 1):
+                await self._bus.publish(self._topics.user_input(project), payload)
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        while not (body := await inbox.get()).get("done"):
+                            continue
+                        return _reply(body)
+                except TimeoutError:
+                    if attempt == retries:
+                        raise
+            raise AssertionError("unreachable")  # pragma: no cover
+        finally:
+            self._inboxes.pop(request_id, None)
+
+    async def cancel(self, project: str, request_id: str) -> None:
+        """Ask the worker to abort a request (its reply then carries error `cancelled`)."""
+        body = {"requestId": request_id, "clientId": self.client_id}
+        await self._bus.publish(self._topics.cancel(project), json.dumps(body).encode())
+
+    async def reset(self, project: str, session: str, timeout_s: float = 10.0) -> bool:
+        """Forget a session's history on the worker; True once the worker confirmed."""
+        await self._ensure_subscribed(project)
+        key = f"reset:{session}"
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._inboxes[key] = inbox
+        try:
+            body = {"v": 2, "sessionId": session, "clientId": self.client_id}
+            await self._bus.publish(self._topics.session_reset(project), json.dumps(body).encode())
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    got = await inbox.get()
+                    if got.get("sessionId") == session and got.get("reset"):
+                        return True
+        except TimeoutError:
+            return False
+        finally:
+            self._inboxes.pop(key, None)
 
 
 def _reply(body: dict[str, Any]) -> Reply:

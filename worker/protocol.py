@@ -203,6 +203,11 @@ def strip_reasoning(text: str) -> str:
     return text.strip()
 
 
+def visible_text(project: Project, raw: str) -> str:
+    """What the client sees of the raw generated text: reasoning stripped if the project says so, trimmed."""
+    return strip_reasoning(raw) if project.strip_reasoning else raw.strip()
+
+
 class _Parser:
     """One parse; holds the partially known route so every error can be answered when possible."""
 

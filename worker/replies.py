@@ -22,6 +22,7 @@ from worker.protocol import (
     classic_error,
     v2_error,
     v2_message,
+    visible_text,
 )
 
 
@@ -50,14 +51,19 @@ class Outcome:
 
 
 class Stream:
-    """One request's outgoing messages: coalesced v2 chunks (when asked for) and the final reply."""
+    """One request's outgoing messages: coalesced v2 chunks (when asked for) and the final reply.
+
+    Chunks carry the visible text (reasoning stripped as the project says), so the deltas of a stream,
+    the final message's included, add up to its final `text`.
+    """
 
     def __init__(self, replier: Replier, request: Request) -> None:
         self._replier = replier
         self._request = request
         self.route = request.route
         self._seq = 0
-        self._pending = ""
+        self._raw = ""
+        self._sent = ""
         self._pending_tokens = 0
         self._last_flush = time.monotonic()
 
@@ -65,26 +71,32 @@ class Stream:
         """New text from the engine; publishes a chunk when the coalescing window is full."""
         if not self._request.stream:
             return
-        self._pending += text
+        self._raw += text
         self._pending_tokens += tokens
         now = time.monotonic()
-        window_s = self._replier.interval_ms / 1000
-        if self._pending and (
-            self._pending_tokens >= self._replier.max_tokens or now - self._last_flush >= window_s
-        ):
-            await self._flush(now)
+        full = self._pending_tokens >= self._replier.max_tokens
+        if full or now - self._last_flush >= self._replier.interval_ms / 1000:
+            delta = self._unsent(visible_text(self._request.project, self._raw))
+            if delta:
+                await self._flush(delta, now)
 
-    async def _flush(self, now: float) -> None:
+    def _unsent(self, visible: str) -> str:
+        # Visible text normally only grows; if stripping rewrote what was already sent, send nothing more
+        # as chunks: the final message's whole `text` is authoritative.
+        return visible[len(self._sent) :] if visible.startswith(self._sent) else ""
+
+    async def _flush(self, delta: str, now: float) -> None:
         self._seq += 1
-        route = self._request.route
-        payload = v2_message(route, self._seq, done=False, delta=self._pending)
-        self._pending, self._pending_tokens, self._last_flush = "", 0, now
+        self._sent += delta
+        self._pending_tokens, self._last_flush = 0, now
+        route = self.route
+        payload = v2_message(route, self._seq, done=False, delta=delta)
         # Chunks do not wait for PUBACK (ordering holds per topic); only the final reply does.
         await self._replier.publish(route.topic, payload, route.correlation_data, wait=False)
 
     async def finish(self, outcome: Outcome) -> FinalReply:
-        """Send the final answer (any pending chunk text is part of its whole `text`)."""
-        route = self._request.route
+        """Send the final answer; for a stream, its `delta` is the text no chunk carried yet."""
+        route = self.route
         self._seq += 1
         if route.dialect is Dialect.CLASSIC:
             payload = classic_answer(outcome.text)
@@ -94,6 +106,7 @@ class Stream:
                 self._seq,
                 done=True,
                 text=outcome.text,
+                delta=self._unsent(outcome.text) if self._request.stream else None,
                 finishReason=outcome.finish_reason,
                 usage={
                     "promptTokens": outcome.prompt_tokens,
@@ -109,7 +122,7 @@ class Stream:
     async def fail(self, error: WorkerError) -> FinalReply:
         """Send the final error (continuing this request's seq)."""
         self._seq += 1
-        return await self._replier.fail(self._request.route, error, self._seq)
+        return await self._replier.fail(self.route, error, self._seq)
 
 
 class Replier:

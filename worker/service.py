@@ -396,8 +396,7 @@ class Service:
             cached = max(cached, delta.cached_tokens)
             finish = delta.finish_reason or finish
             await stream.feed(delta.text, delta.new_tokens)
-        text = "".join(parts)
-        text = protocol.strip_reasoning(text) if request.project.strip_reasoning else text.strip()
+        text = protocol.visible_text(request.project, "".join(parts))
         now = time.monotonic()
         return Outcome(
             text=text,

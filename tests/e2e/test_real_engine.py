@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 
@@ -80,6 +81,60 @@ async def test_classic_client_gets_plain_text_and_session_history(worker_process
     assert all(t and not t.startswith("Error:") for t in texts), texts
     assert not texts[0].lstrip().startswith("{")  # classic: plain text, not JSON
     assert "Ada" in texts[1]  # the second turn saw the first
+
+
+async def test_streaming_chunks_add_up_to_the_final_text(worker_process: WorkerProcess):
+    async with Client(BrokerConfig(url=f"mqtt://127.0.0.1:{worker_process.port}")) as client:
+        chunks = [
+            ch
+            async for ch in client.stream(
+                "general", "List three colours.", session="stream", maxTokens=48, temperature=0
+            )
+        ]
+    assert chunks[-1].done
+    assert chunks[-1].reply is not None
+    assert len(chunks) >= 3
+    assert [ch.seq for ch in chunks] == list(range(1, len(chunks) + 1))
+    assert "".join(ch.delta for ch in chunks) == chunks[-1].reply.text
+
+
+async def test_json_schema_structured_output_on_the_real_engine(worker_process: WorkerProcess):
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["capital", "country"],
+        "additionalProperties": False,
+    }
+    async with Client(BrokerConfig(url=f"mqtt://127.0.0.1:{worker_process.port}")) as client:
+        reply = await client.ask(
+            "general",
+            "What is the capital of France? Answer in JSON.",
+            session="json",
+            temperature=0,
+            maxTokens=64,
+            jsonSchema=schema,
+        )
+    assert reply.ok, reply
+    answer = json.loads(reply.text)
+    assert set(answer) == {"capital", "country"}
+    print(f"\n[e2e] structured answer: {answer}")
+
+
+async def test_cancel_aborts_on_the_real_engine(worker_process: WorkerProcess):
+    async with Client(BrokerConfig(url=f"mqtt://127.0.0.1:{worker_process.port}")) as client:
+        ask = asyncio.create_task(
+            client.ask(
+                "general",
+                "Write a long story.",
+                session="cancel",
+                maxTokens=1500,
+                request_id="e2e-cancel",
+            )
+        )
+        await asyncio.sleep(1.0)
+        await client.cancel("general", "e2e-cancel")
+        reply = await ask
+    assert reply.error_code == "cancelled"
 
 
 async def test_context_too_long_is_a_typed_error(worker_process: WorkerProcess):

@@ -89,6 +89,7 @@ class VllmEngine:
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enforce_eager=eager,
             enable_prefix_caching=cfg.enable_prefix_caching,
+            scheduling_policy=cfg.scheduling_policy,
         )
 
     def _start(self) -> None:
@@ -146,11 +147,17 @@ class VllmEngine:
 
         return await asyncio.get_running_loop().run_in_executor(self._tok_pool, count)
 
-    async def generate(self, prompt: Prompt, sampling: Sampling, request_id: str) -> AsyncIterator[Delta]:
+    async def generate(
+        self, prompt: Prompt, sampling: Sampling, request_id: str, priority: int = 0
+    ) -> AsyncIterator[Delta]:
         """Stream DELTA outputs; cancellation propagates into AsyncLLM, which aborts the request."""
         from vllm.exceptions import GracefulHTTPError, VLLMClientError  # noqa: PLC0415
         from vllm.inputs import TokensPrompt  # noqa: PLC0415
-        from vllm.sampling_params import RequestOutputKind, SamplingParams  # noqa: PLC0415
+        from vllm.sampling_params import (  # noqa: PLC0415
+            RequestOutputKind,
+            SamplingParams,
+            StructuredOutputsParams,
+        )
         from vllm.v1.engine.exceptions import EngineDeadError as VllmDeadError  # noqa: PLC0415
 
         if self._llm is None:
@@ -164,11 +171,13 @@ class VllmEngine:
             seed=sampling.seed,
             ignore_eos=sampling.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
+            structured_outputs=StructuredOutputsParams(json=sampling.json_schema)
+            if sampling.json_schema
+            else None,
         )
         try:
-            stream = self._llm.generate(
-                TokensPrompt(prompt_token_ids=list(prompt.token_ids)), params, request_id
-            )
+            tokens = TokensPrompt(prompt_token_ids=list(prompt.token_ids))
+            stream = self._llm.generate(tokens, params, request_id, priority=priority)
             async for out in stream:
                 completion = out.outputs[0]
                 yield Delta(
