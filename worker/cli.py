@@ -189,9 +189,23 @@ def ask(argv: Sequence[str]) -> int:
             password=os.environ.get("VLLM_WORKER_BROKER__PASSWORD"),
         )
         async with Client(broker) as client:
-            reply = await client.ask(
-                args.project, args.message, session=args.session, timeout_s=args.timeout, **fields
-            )
+            if not args.stream:
+                reply = await client.ask(
+                    args.project, args.message, session=args.session, timeout_s=args.timeout, **fields
+                )
+            else:
+                final = None
+                chunks = client.stream(
+                    args.project, args.message, session=args.session, timeout_s=args.timeout, **fields
+                )
+                async for chunk in chunks:
+                    print(chunk.delta, end="", flush=True)
+                    final = chunk.reply
+                assert final is not None  # noqa: S101 - a stream ends with its final chunk
+                reply = final
+                if reply.ok:
+                    print()
+                    return 0
         if not reply.ok:
             say(f"error {reply.error_code}: {reply.error_message}")
             return 1
