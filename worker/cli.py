@@ -300,7 +300,7 @@ async def _fleet(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(state.snapshot(), indent=2))
             else:
-                Console().print(render(state))
+                Console(width=None if sys.stdout.isatty() else 160).print(render(state))
             return 0
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
