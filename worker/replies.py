@@ -29,9 +29,7 @@ from worker.protocol import (
 class Publish(Protocol):
     """Publish one reply message; `wait` = until the broker acked it."""
 
-    def __call__(
-        self, topic: str, payload: bytes, correlation: bytes | None, *, wait: bool
-    ) -> Awaitable[None]:
+    def __call__(self, topic: str, payload: bytes, correlation: bytes | None, *, wait: bool) -> Awaitable[None]:
         """See the class docstring."""
         ...
 
@@ -128,9 +126,7 @@ class Stream:
 class Replier:
     """Publishes exactly one final message per request, plus coalesced chunks for v2 streams."""
 
-    def __init__(
-        self, publish: Publish, model: str, worker: str, interval_ms: int = 50, max_tokens: int = 16
-    ) -> None:
+    def __init__(self, publish: Publish, model: str, worker: str, interval_ms: int = 50, max_tokens: int = 16) -> None:
         self.publish = publish
         self.model = model
         self.worker = worker

@@ -43,6 +43,7 @@ from worker.telemetry import GpuProbe, collect_process, engine_report, process_t
 log = structlog.get_logger(__name__)
 
 Say = Callable[[str], None]
+HEALTH_INTERVAL_S = 2.0
 
 
 def default_worker_id(visible_devices: str | None) -> str:
@@ -113,13 +114,13 @@ class Service:
             await bus.subscribe(self._control_filters() + self._request_filters())
             await self._publish_status("ready")
             self.ready.set()
-            self._say(
-                f"ready: projects {', '.join(self._projects)} on {self._broker_label(broker_cfg.endpoint())}"
-            )
+            self._say(f"ready: projects {', '.join(self._projects)} on {self._broker_label(broker_cfg.endpoint())}")
             intake = asyncio.create_task(self._intake(bus, stop))
             telemetry = asyncio.create_task(self._telemetry_loop())
+            health = asyncio.create_task(self._health_loop(stop))
             await stop.wait()
             intake.cancel()
+            health.cancel()
             await self._drain(bus)
             telemetry.cancel()
         await asyncio.to_thread(self._gpus.close)
@@ -142,11 +143,7 @@ class Service:
         return filters
 
     def _control_filters(self) -> list[str]:
-        return [
-            t
-            for name in self._projects
-            for t in (self._topics.cancel(name), self._topics.session_reset(name))
-        ]
+        return [t for name in self._projects for t in (self._topics.cancel(name), self._topics.session_reset(name))]
 
     async def _drain(self, bus: Bus) -> None:
         """Stop intake, let in-flight requests finish within drain_timeout_s, answer the rest."""
@@ -155,9 +152,7 @@ class Service:
         with contextlib.suppress(Exception):
             await bus.unsubscribe(self._request_filters())
         if self._tasks:
-            self._say(
-                f"draining {len(self._serving)} request(s), up to {self._cfg.worker.drain_timeout_s:.0f} s"
-            )
+            self._say(f"draining {len(self._serving)} request(s), up to {self._cfg.worker.drain_timeout_s:.0f} s")
             _, pending = await asyncio.wait(self._tasks, timeout=self._cfg.worker.drain_timeout_s)
             for task in pending:
                 task.cancel()  # _serve answers shutting_down on cancellation
@@ -193,6 +188,23 @@ class Service:
                 await self._bus.publish(self._status_topic, self._status_payload(state), qos=1, retain=True)
         except (TimeoutError, RuntimeError):
             log.warning("status.not_published", state=state)
+
+    async def _health_loop(self, stop: asyncio.Event) -> None:
+        """Notice an engine that died while idle: fatal, exit non-zero so a supervisor restarts us."""
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            try:
+                await self._engine.check_health()
+            except EngineDeadError:
+                self._engine_died(stop)
+                return
+
+    def _engine_died(self, stop: asyncio.Event) -> None:
+        if self.exit_code == 0:
+            log.error("engine.died", action="draining and exiting with status 1")
+            self._say("engine died: exiting with status 1")
+        self.exit_code = 1
+        stop.set()
 
     # ---- telemetry -----------------------------------------------------------------------------------
     async def telemetry(self) -> TelemetryReport:
@@ -290,9 +302,7 @@ class Service:
         log.info("session.reset", project=project, session_id=command.session_id, existed=existed)
         if command.confirm is not None:
             body = protocol.v2_message(command.confirm, 1, reset=True)
-            self._spawn(
-                self._publish_reply(command.confirm.topic, body, command.confirm.correlation_data, wait=True)
-            )
+            self._spawn(self._publish_reply(command.confirm.topic, body, command.confirm.correlation_data, wait=True))
 
     def _cancel(self, command: Cancel) -> None:
         task = self._by_id.get((command.project, command.request_id))
@@ -359,16 +369,12 @@ class Service:
                 tokens=outcome.completion_tokens,
             )
         except TimeoutError:
-            await self._fail_stream(
-                task, stream, ExpiredError(f"deadline of {request.deadline_ms} ms passed")
-            )
+            await self._fail_stream(task, stream, ExpiredError(f"deadline of {request.deadline_ms} ms passed"))
         except WorkerError as err:
             await self._fail_stream(task, stream, err)
         except EngineDeadError:
-            log.exception("engine.died")
+            self._engine_died(stop)
             await self._fail_stream(task, stream, EngineError("the engine stopped"))
-            self.exit_code = 1
-            stop.set()
         except asyncio.CancelledError:
             reason = self._cancel_reasons.get(task, ShuttingDownError())
             if isinstance(reason, CancelledError) and request.route.dialect is Dialect.CLASSIC:
@@ -425,9 +431,7 @@ class Service:
     async def _fail(self, route: Route, error: WorkerError) -> None:
         """Answer a request that was never admitted."""
         self._count(route.project, "errors")
-        log.info(
-            "request.failed_reply", project=route.project, code=str(error.code), request_id=route.request_id
-        )
+        log.info("request.failed_reply", project=route.project, code=str(error.code), request_id=route.request_id)
         replier = self._replier or self._make_replier(self._engine.model_name)
         await replier.fail(route, error)
 
@@ -438,9 +442,7 @@ class Service:
         w = self._cfg.worker
         return Replier(self._publish_reply, model, self.worker_id, w.stream_interval_ms, w.stream_max_tokens)
 
-    async def _publish_reply(
-        self, topic: str, payload: bytes, correlation: bytes | None, *, wait: bool
-    ) -> None:
+    async def _publish_reply(self, topic: str, payload: bytes, correlation: bytes | None, *, wait: bool) -> None:
         assert self._bus is not None  # noqa: S101
         await self._bus.publish(topic, payload, qos=1, correlation_data=correlation, wait=wait)
 

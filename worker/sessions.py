@@ -43,9 +43,7 @@ class Session:
 class SessionStore:
     """In-memory sessions; see the module docstring."""
 
-    def __init__(
-        self, cfg: SessionsConfig, engine: Engine, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, cfg: SessionsConfig, engine: Engine, clock: Callable[[], float] = time.monotonic) -> None:
         self._cfg = cfg
         self._engine = engine
         self._clock = clock
@@ -121,9 +119,7 @@ class SessionStore:
             turns = turns[1:]
         return await self._fit(list(prompt.messages), budget, max_tokens, prompt)
 
-    async def _fit(
-        self, chat: list[ChatMessage], budget: int, max_tokens: int, prompt: Prompt | None = None
-    ) -> Prompt:
+    async def _fit(self, chat: list[ChatMessage], budget: int, max_tokens: int, prompt: Prompt | None = None) -> Prompt:
         prompt = prompt or await self._engine.render(chat)
         if len(prompt.token_ids) > budget:
             raise ContextTooLongError(

@@ -152,15 +152,11 @@ async def test_telemetry_carries_real_engine_stats(worker_process: WorkerProcess
             reply = await client.ask("general", "Count from one to ten.", session="tele", maxTokens=32)
         assert reply.ok
         await p.wait_for(
-            lambda got: any(
-                TelemetryReport.model_validate_json(m.payload).engine.gen_tok_per_s > 0 for m in got
-            ),
+            lambda got: any(TelemetryReport.model_validate_json(m.payload).engine.gen_tok_per_s > 0 for m in got),
             timeout_s=15,
         )
     report = next(
-        r
-        for r in (TelemetryReport.model_validate_json(m.payload) for m in p.received)
-        if r.engine.gen_tok_per_s > 0
+        r for r in (TelemetryReport.model_validate_json(m.payload) for m in p.received) if r.engine.gen_tok_per_s > 0
     )
     print(f"\n[e2e] telemetry engine: {report.engine.model_dump(by_alias=True)}")
     assert report.engine.ttft_ms_p50 > 0

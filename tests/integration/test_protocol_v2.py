@@ -254,8 +254,6 @@ async def test_v5_message_expiry_acts_as_deadline(mosquitto):
         props.ResponseTopic = "app/r"
         props.MessageExpiryInterval = 1
         assert p.bus._client is not None
-        p.bus._client.publish(
-            "maze/user_input", b'{"message": "go", "maxTokens": 100}', qos=1, properties=props
-        )
+        p.bus._client.publish("maze/user_input", b'{"message": "go", "maxTokens": 100}', qos=1, properties=props)
         await p.wait_for(lambda got: len(got) >= 1, timeout_s=5)
     assert json.loads(p.received[0].payload)["error"]["code"] == "expired"

@@ -33,10 +33,7 @@ async def test_sessions_keep_their_own_history():
     async with running_worker() as w, peer(w.port, ["maze/assistant_response/+"]) as p:
         for turn in (1, 2):
             await asyncio.gather(
-                *(
-                    p.publish("maze/user_input", {"message": f"{s} t{turn}", "sessionId": s})
-                    for s in ("a", "b")
-                )
+                *(p.publish("maze/user_input", {"message": f"{s} t{turn}", "sessionId": s}) for s in ("a", "b"))
             )
             await p.wait_for(lambda got, n=2 * turn: len(got) >= n)
         a = [m.payload.decode() for m in p.on("maze/assistant_response/a")]
@@ -87,9 +84,7 @@ async def test_overload_is_refused_at_once_with_overloaded():
     ):
         await asyncio.gather(
             *(
-                p.publish(
-                    "maze/user_input", {"v": 2, "message": "a b c", "clientId": "c", "requestId": f"r{i}"}
-                )
+                p.publish("maze/user_input", {"v": 2, "message": "a b c", "clientId": "c", "requestId": f"r{i}"})
                 for i in range(5)
             )
         )
@@ -141,9 +136,7 @@ async def test_drain_answers_unfinished_requests_shutting_down():
         running_worker(engine, worker={"drain_timeout_s": 0.2}) as w,
         peer(w.port, ["maze/response/+"]) as p,
     ):
-        await p.publish(
-            "maze/user_input", {"v": 2, "message": "a b c d", "clientId": "c", "requestId": "slow"}
-        )
+        await p.publish("maze/user_input", {"v": 2, "message": "a b c d", "clientId": "c", "requestId": "slow"})
         await asyncio.sleep(0.2)
         w.stop.set()
         await p.wait_for(lambda got: len(got) >= 1)

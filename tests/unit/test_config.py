@@ -25,9 +25,7 @@ def test_default_toml_documents_every_field():
 
 def test_precedence_defaults_file_env_flags(tmp_path):
     file = tmp_path / "w.toml"
-    file.write_text(
-        '[model]\nmax_model_len = 1000\nmax_num_seqs = 7\ndtype = "float32"\n[broker]\nusername = "f"\n'
-    )
+    file.write_text('[model]\nmax_model_len = 1000\nmax_num_seqs = 7\ndtype = "float32"\n[broker]\nusername = "f"\n')
     env = {"VLLM_WORKER_MODEL__MAX_MODEL_LEN": "3000", "VLLM_WORKER_MODEL__MAX_NUM_SEQS": "9"}
     flags = {"model": {"max_model_len": 4000}}
     cfg = load(file, env, flags)

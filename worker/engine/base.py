@@ -104,9 +104,7 @@ class Engine(Protocol):
         """Tokens in `text` without any template."""
         ...
 
-    def generate(
-        self, prompt: Prompt, sampling: Sampling, request_id: str, priority: int = 0
-    ) -> AsyncIterator[Delta]:
+    def generate(self, prompt: Prompt, sampling: Sampling, request_id: str, priority: int = 0) -> AsyncIterator[Delta]:
         """Stream deltas; cancelling the consumer aborts the request and frees its KV cache.
 
         `priority` (lower first) matters only when the engine schedules by priority.
@@ -115,4 +113,8 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats:
         """Latest engine statistics."""
+        ...
+
+    async def check_health(self) -> None:
+        """Raise `EngineDeadError` when the engine is gone (its process died)."""
         ...

@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Self
 
 from worker.engine.base import ChatMessage, Delta, EngineStats, Prompt, Sampling
-from worker.errors import EngineError
+from worker.errors import EngineDeadError, EngineError
 
 Script = Callable[[Prompt], str]
 
@@ -37,9 +37,7 @@ def schema_example(schema_json: str) -> str:
         "null": None,
     }
     props = schema.get("properties", {}) if isinstance(schema, dict) else {}
-    instance = {
-        name: defaults.get(str(spec.get("type"))) for name, spec in props.items() if isinstance(spec, dict)
-    }
+    instance = {name: defaults.get(str(spec.get("type"))) for name, spec in props.items() if isinstance(spec, dict)}
     return json.dumps(instance)
 
 
@@ -63,6 +61,7 @@ class FakeEngine:
         self.max_running_seen = 0
         self.aborted: list[str] = []
         self.priorities: list[int] = []
+        self.dead = False
 
     @property
     def model_name(self) -> str:
@@ -109,6 +108,8 @@ class FakeEngine:
         self.max_running_seen = max(self.max_running_seen, self.running)
         try:
             for i, word in enumerate(words[:limit]):
+                if self.dead:
+                    raise EngineDeadError("fake engine marked dead")
                 if self._fail_after is not None and i >= self._fail_after:
                     raise EngineError("fake engine failure")
                 if self._token_delay_s:
@@ -126,6 +127,11 @@ class FakeEngine:
             raise
         finally:
             self.running -= 1
+
+    async def check_health(self) -> None:
+        """Dead once `dead` is set (tests simulate an engine crash with it)."""
+        if self.dead:
+            raise EngineDeadError("fake engine marked dead")
 
     def stats(self) -> EngineStats:
         """Running count only: the fake has no KV cache."""

@@ -7,8 +7,11 @@ request. Start-up is run in a thread (it blocks for ~13 s on CPU) so the event l
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import json
 import os
 import time
+import typing
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +23,8 @@ import structlog
 from worker.config import ModelConfig
 from worker.engine.base import ChatMessage, Delta, EngineStats, Prompt, Sampling
 from worker.engine.stats import StatsAggregator
-from worker.errors import BadRequestError, EngineDeadError, EngineError, OverloadedError
+from worker.errors import BadRequestError, ConfigError, EngineDeadError, EngineError, OverloadedError
+from worker.quantization import Device, QuantPlan, VllmSupport, check_context, plan
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +59,7 @@ class VllmEngine:
         self._quantization = "none"
         self._max_model_len = cfg.max_model_len
         self._stats = StatsAggregator()
+        self._plan: QuantPlan | None = None
         self.start_s = 0.0
 
     @property
@@ -72,11 +77,28 @@ class VllmEngine:
         """The method vLLM resolved (e.g. `awq_marlin`), or "none"."""
         return self._quantization
 
+    def preflight(self) -> QuantPlan:
+        """Validate model dir, context length and quantization before anything loads (ConfigError if not)."""
+        if self._plan is not None:
+            return self._plan
+        try:
+            model_config = json.loads((self._model_dir / "config.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read {self._model_dir / 'config.json'}: {exc}") from exc
+        on_cpu = not gpu_present()
+        prepare_environment(self._cfg, on_cpu=on_cpu)
+        check_context(self._cfg, model_config)
+        self._plan = plan(self._cfg, model_config, _device(), _vllm_support())
+        log.info(
+            "engine.quantization", method=self._plan.method, kernel=self._plan.kernel, notes=list(self._plan.notes)
+        )
+        return self._plan
+
     def _engine_args(self, *, on_cpu: bool) -> Any:  # noqa: ANN401 - vllm's AsyncEngineArgs, imported late
         from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: PLC0415 - import after env is set
 
         cfg = self._cfg
-        quantization = None if cfg.quantization in {"auto", "none"} else cfg.quantization
+        quantization = self.preflight().engine_arg
         eager = cfg.enforce_eager if cfg.enforce_eager is not None else on_cpu
         return AsyncEngineArgs(
             model=str(self._model_dir),
@@ -94,7 +116,7 @@ class VllmEngine:
 
     def _start(self) -> None:
         on_cpu = not gpu_present()
-        prepare_environment(self._cfg, on_cpu=on_cpu)
+        self.preflight()
         from vllm.v1.engine.async_llm import AsyncLLM  # noqa: PLC0415 - heavy, env must be set first
 
         started = time.perf_counter()
@@ -171,9 +193,7 @@ class VllmEngine:
             seed=sampling.seed,
             ignore_eos=sampling.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
-            structured_outputs=StructuredOutputsParams(json=sampling.json_schema)
-            if sampling.json_schema
-            else None,
+            structured_outputs=StructuredOutputsParams(json=sampling.json_schema) if sampling.json_schema else None,
         )
         try:
             tokens = TokensPrompt(prompt_token_ids=list(prompt.token_ids))
@@ -198,9 +218,57 @@ class VllmEngine:
         except Exception as exc:
             raise EngineError(type(exc).__name__) from exc
 
+    async def check_health(self) -> None:
+        """AsyncLLM.check_health raises once the engine-core process is gone."""
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmDeadError  # noqa: PLC0415
+
+        if self._llm is None:
+            raise EngineDeadError("engine is not running")
+        try:
+            await self._llm.check_health()
+        except VllmDeadError as exc:
+            raise EngineDeadError(str(exc)) from exc
+
     def stats(self) -> EngineStats:
         """Aggregated vLLM stat-logger data (running, waiting, KV usage, rates, TTFT/TPOT p50)."""
         return self._stats.snapshot()
+
+
+def _device() -> Device:
+    from vllm.platforms import current_platform  # noqa: PLC0415
+
+    if current_platform.is_cpu():
+        return Device("cpu")
+    capability = current_platform.get_device_capability()
+    return Device("cuda", capability.to_int() if capability else None, str(current_platform.get_device_name()))
+
+
+def _vllm_support() -> VllmSupport:
+    """What the installed vLLM offers, read from vLLM itself."""
+    from vllm.config.cache import CacheDType  # noqa: PLC0415
+    from vllm.model_executor.layers.quantization import (  # noqa: PLC0415
+        QUANTIZATION_METHODS,
+        get_quantization_config,
+    )
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import (  # noqa: PLC0415
+        MARLIN_SUPPORTED_GROUP_SIZES,
+    )
+
+    min_capability: dict[str, int] = {}
+    for method in QUANTIZATION_METHODS:
+        try:
+            min_capability[method] = int(get_quantization_config(method).get_min_capability())
+        except Exception:  # noqa: BLE001, S112 - some methods need optional packages to even describe themselves
+            continue
+    plugin = importlib.util.find_spec("vllm_bnb_plugin") is not None
+    bnb = importlib.util.find_spec("bitsandbytes") is not None
+    return VllmSupport(
+        methods=frozenset(QUANTIZATION_METHODS),
+        min_capability=min_capability,
+        marlin_group_sizes=frozenset(MARLIN_SUPPORTED_GROUP_SIZES),
+        bnb_plugin=plugin and bnb,
+        kv_cache_dtypes=frozenset(typing.get_args(CacheDType)),
+    )
 
 
 def _stat_logger_class(aggregator: StatsAggregator) -> type:

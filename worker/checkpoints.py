@@ -1,0 +1,77 @@
+"""Pre-quantized checkpoints made on this machine: `vllm-worker model quantize --method awq|gptq`.
+
+auto-round (RTN, iters=0, group size 64: the demo model's hidden size 576 is not a multiple of 128)
+runs in its own venv `.venv-quant`, because quantization tools move torch/transformers versions; the
+runtime venv only ever loads the produced directory. Results are cached: a finished output directory
+carries a marker naming its source and method, and is not rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from worker.config import ROOT
+from worker.errors import ConfigError
+
+QUANT_VENV = ROOT / ".venv-quant"
+# The CPU torch wheel the machine's pip finds locally; auto-round runs on it.
+QUANT_REQUIREMENTS = ("torch==2.13.0", "auto-round>=0.15")
+FORMATS = {"awq": "auto_awq", "gptq": "auto_gptq"}
+MARKER = ".vllm-worker-quant.json"
+TOOL = Path(__file__).resolve().parent / "tools" / "autoround_quantize.py"
+
+Say = Callable[[str], None]
+
+
+def _run(cmd: list[str], what: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603 - our own argv
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout)[-2000:]
+        raise ConfigError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+
+
+def ensure_venv(say: Say) -> Path:
+    """The side venv with auto-round (created once, ~40 s)."""
+    python = QUANT_VENV / "bin" / "python"
+    stamp = QUANT_VENV / ".installed"
+    if stamp.is_file():
+        return python
+    say(f"creating {QUANT_VENV.name} for auto-round (once, ~40 s)")
+    if not python.exists():
+        _run([sys.executable, "-m", "venv", str(QUANT_VENV)], "creating the quantization venv")
+    _run([str(python), "-m", "pip", "install", "-q", *QUANT_REQUIREMENTS], "installing auto-round")
+    stamp.write_text(" ".join(QUANT_REQUIREMENTS), encoding="utf-8")
+    return python
+
+
+def is_done(out: Path, src: Path, method: str) -> bool:
+    """True when `out` already holds `method` made from `src`."""
+    try:
+        marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return bool(marker == {"source": str(src.resolve()), "method": method})
+
+
+def quantize(src: Path, out: Path, method: str, say: Say) -> Path:
+    """Make (or reuse) a 4-bit `method` checkpoint of the HF model at `src`."""
+    if method not in FORMATS:
+        raise ConfigError(f"--method must be one of {sorted(FORMATS)}")
+    if not (src / "config.json").is_file():
+        raise ConfigError(f"{src} is not a HF model directory (no config.json); run `vllm-worker model prepare`")
+    if is_done(out, src, method):
+        say(f"{method} checkpoint ready at {out} (cached)")
+        return out
+    python = ensure_venv(say)
+    say(f"quantizing {src.name} to {method} (auto-round RTN, group size 64)")
+    started = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _run([str(python), str(TOOL), str(src), str(out), "--format", FORMATS[method]], f"auto-round {method}")
+    (out / MARKER).write_text(json.dumps({"source": str(src.resolve()), "method": method}), encoding="utf-8")
+    say(f"{method} checkpoint ready at {out} ({time.perf_counter() - started:.0f} s)")
+    return out

@@ -1,0 +1,1 @@
+"""Standalone scripts run in side virtual environments (quantization tools pin their own torch)."""
