@@ -3,6 +3,7 @@ prebuilt AWQ checkpoint (made by `vllm-worker model quantize --method awq`, cach
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -38,12 +39,8 @@ async def test_bitsandbytes_on_the_fly_answers_and_reports_the_method():
 
 async def test_prebuilt_awq_checkpoint_answers_and_reports_the_method():
     out = MODEL_DIR.parent / f"{MODEL_DIR.name}-awq"
-    subprocess.run(
-        [sys.executable, "-m", "worker", "model", "quantize", "--method", "awq", "--out", str(out)],
-        cwd=ROOT,
-        check=True,
-        timeout=600,
-    )
+    cmd = [sys.executable, "-m", "worker", "model", "quantize", "--method", "awq", "--out", str(out)]
+    await asyncio.to_thread(subprocess.run, cmd, cwd=ROOT, check=True, timeout=600)
     with launch_worker("--projects", "general", "--model", str(out), worker_id="awq") as w:
         text, status = await ask_fact_and_status(w.port, "awq")
     print(f"\n[e2e] awq answer: {text!r}")
