@@ -38,8 +38,8 @@ run: model
 	$(BIN)/vllm-worker --projects $(PROJECTS)
 
 lint: install
-	$(BIN)/ruff check worker tests
-	$(BIN)/ruff format --check worker tests
+	$(BIN)/ruff check worker tests benchmarks
+	$(BIN)/ruff format --check worker tests benchmarks
 	$(BIN)/mypy
 
 unit: install mosquitto

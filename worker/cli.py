@@ -20,7 +20,7 @@ from worker.config import ROOT, BrokerConfig, WorkerConfig, load, resolve_path
 from worker.errors import ConfigError
 from worker.models import DEMO_DIR, check_model_dir, is_prepared, prepare_demo
 
-COMMANDS = ("serve", "ask", "model", "fleet")
+COMMANDS = ("serve", "ask", "model", "fleet", "plan", "bench")
 EXIT_CONFIG = 2
 
 
@@ -38,7 +38,7 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:  #
 
 def serve_parser() -> argparse.ArgumentParser:
     """Flags of `vllm-worker [serve]`."""
-    p = argparse.ArgumentParser(prog="vllm-worker", description="Serve LLM answers over MQTT.")
+    p = argparse.ArgumentParser(prog="vllm-worker", description="Serve LLM answers over MQTT.", allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"vllm-worker {__version__}")
     _flag(p, "config", help="TOML config file (see config/default.toml)")
     _flag(p, "projects", nargs="+", help="projects to serve, e.g. maze driving")
@@ -317,12 +317,92 @@ async def _fleet(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan(argv: Sequence[str]) -> int:
+    """VRAM planner: weights, KV cache and gpu_memory_utilization for models sharing one GPU."""
+    p = argparse.ArgumentParser(prog="vllm-worker plan", description="Plan GPU memory for one or more models.")
+    p.add_argument("models", nargs="+", help="local model dir or alias (config/models/), optionally :awq|gptq|fp8|bnb4")
+    p.add_argument("--gpu-mem", default="96GiB", help="GPU memory, e.g. 96GiB or 80GB")
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--kv-dtype", default="auto", help="auto|fp8")
+    p.add_argument("--min-seqs", type=int, default=4, help="full-length sequences each engine must hold")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    from worker import plan as planner  # noqa: PLC0415
+
+    try:
+        specs = [planner.load_spec(m) for m in args.models]
+        result = planner.plan(
+            specs,
+            planner.parse_size(args.gpu_mem),
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            kv_dtype=args.kv_dtype,
+            min_seqs=args.min_seqs,
+        )
+    except ConfigError as exc:
+        say(f"error: {exc}")
+        return EXIT_CONFIG
+    if args.json:
+        print(result.to_json())
+        return 0 if result.fits else 1
+    title = (
+        f"{result.gpu_mem_gib:.0f} GiB GPU ({result.usable_gib:.0f} usable), "
+        f"max_model_len {result.max_model_len}, KV {result.kv_dtype}"
+    )
+    table = Table(title=title)
+    for col in (
+        "model",
+        "method",
+        "params",
+        "weights",
+        "KV/token",
+        "KV/seq",
+        "overhead",
+        "gpu_memory_utilization",
+        "full seqs",
+    ):
+        table.add_column(col)
+    for m in result.models:
+        table.add_row(
+            m.name,
+            m.method,
+            f"{m.params_b:.1f}B",
+            f"{m.weights_gib:.1f} GiB",
+            f"{m.kv_bytes_per_token / 1024:.0f} KiB",
+            f"{m.kv_gib_per_seq:.2f} GiB",
+            f"{m.overhead_gib:.0f} GiB",
+            f"{m.gpu_memory_utilization:.3f}",
+            f"{m.max_full_seqs}/{result.max_num_seqs}",
+        )
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    console.print(table)
+    console.print("[green]fits[/green]" if result.fits else "[bold red]does not fit[/bold red]")
+    for line in result.advice:
+        console.print(f"- {line}")
+    return 0 if result.fits else 1
+
+
+def bench(argv: Sequence[str]) -> int:
+    """Run benchmarks/bench.py (needs the source checkout: it ships prompts and the legacy arm)."""
+    script = ROOT / "benchmarks" / "bench.py"
+    if not script.is_file():
+        say("vllm-worker bench runs from a source checkout (benchmarks/bench.py not found)")
+        return EXIT_CONFIG
+    import subprocess  # noqa: PLC0415
+
+    return subprocess.call([sys.executable, str(script), *argv])  # noqa: S603 - our own script
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `vllm-worker` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else "serve"
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv
-    handlers = {"serve": serve, "ask": ask, "model": model, "fleet": fleet}
+    handlers = {"serve": serve, "ask": ask, "model": model, "fleet": fleet, "plan": plan, "bench": bench}
     return handlers[command](rest)
 
 

@@ -114,6 +114,8 @@ class Client:
             "requestId": request_id,
         }
         body.update(fields)
+        if "messages" in fields:  # a stateless full chat replaces the single message
+            del body["message"]
         return json.dumps(body).encode()
 
     async def stream(

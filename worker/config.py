@@ -76,7 +76,8 @@ class ModelConfig(_Section):
     visible_devices: str | None = None
     enforce_eager: bool | None = None
     """None = eager on CPU (13 s start vs 110 s for torch.compile there), compiled on GPU."""
-    cpu_kvcache_space_gib: int = Field(1, gt=0)
+    cpu_kvcache_space_gib: int | None = Field(None, gt=0)
+    """KV cache on CPU in GiB (VLLM_CPU_KVCACHE_SPACE); None = sized by the planner for max_num_seqs."""
     enable_prefix_caching: bool = True
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     """"priority" lets a request's `priority` field (lower first) reorder the engine's waiting queue."""
@@ -85,8 +86,10 @@ class ModelConfig(_Section):
 class GenerationConfig(_Section):
     """Worker-wide generation limits (each project may narrow them)."""
 
-    max_tokens: int = Field(256, gt=0)
-    """Default answer length when neither the request nor the project says."""
+    max_tokens: int = Field(1024, gt=0)
+    """Worker-wide cap on answer length (the old --max_tokens); projects and requests may ask for less."""
+    ignore_eos: bool = False
+    """Benchmarks only: always generate maxTokens tokens (fixed output length across arms)."""
 
 
 class SessionsConfig(_Section):

@@ -57,6 +57,12 @@ class Project(BaseModel):
     limits: SamplingLimits = Field(default_factory=SamplingLimits)
     rate_limit: RateLimit = Field(default_factory=RateLimit)
 
+    def capped(self, max_tokens: int) -> Project:
+        """A copy with answer-length default and limit capped worker-wide (the old --max_tokens)."""
+        limits = self.limits.model_copy(update={"max_tokens": min(self.limits.max_tokens, max_tokens)})
+        defaults = self.defaults.model_copy(update={"max_tokens": min(self.defaults.max_tokens, max_tokens)})
+        return self.model_copy(update={"limits": limits, "defaults": defaults})
+
 
 def load_project(path: Path) -> Project:
     """Parse and validate one project file; the file stem must equal its `name`."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import time
 from collections import Counter
@@ -65,7 +66,7 @@ class Service:
         say: Say | None = None,
     ) -> None:
         self._cfg = cfg
-        self._projects = projects
+        self._projects = {name: p.capped(cfg.generation.max_tokens) for name, p in projects.items()}
         self._engine = engine
         self._say = say or (lambda _msg: None)
         self.worker_id = cfg.worker.id or default_worker_id(cfg.model.visible_devices)
@@ -393,7 +394,10 @@ class Service:
         finish = "stop"
         started = time.monotonic()
         first_token_at: float | None = None
-        deltas = self._engine.generate(prompt, request.sampling, request.request_id, self._priority(request))
+        sampling = request.sampling
+        if self._cfg.generation.ignore_eos:
+            sampling = dataclasses.replace(sampling, ignore_eos=True)
+        deltas = self._engine.generate(prompt, sampling, request.request_id, self._priority(request))
         async for delta in deltas:
             if first_token_at is None and delta.new_tokens:
                 first_token_at = time.monotonic()

@@ -18,8 +18,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import psutil
 import structlog
 
+from worker import plan as planner
 from worker.config import ModelConfig
 from worker.engine.base import ChatMessage, Delta, EngineStats, Prompt, Sampling
 from worker.engine.stats import StatsAggregator
@@ -31,14 +33,14 @@ log = structlog.get_logger(__name__)
 SHUTDOWN_TIMEOUT_S = 8.0
 
 
-def prepare_environment(cfg: ModelConfig, *, on_cpu: bool) -> None:
+def prepare_environment(cfg: ModelConfig, *, on_cpu: bool, kv_space_gib: int = 1) -> None:
     """Set the env vars vLLM reads at import/start; explicit user settings win (setdefault)."""
     if cfg.visible_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cfg.visible_devices
     if on_cpu:
         # MP=0 drops the extra Worker process on CPU: start 24 s -> 13 s, and both cores compute.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_space_gib))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_space_gib or kv_space_gib))
 
 
 def gpu_present() -> bool:
@@ -86,12 +88,26 @@ class VllmEngine:
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"cannot read {self._model_dir / 'config.json'}: {exc}") from exc
         on_cpu = not gpu_present()
-        prepare_environment(self._cfg, on_cpu=on_cpu)
-        check_context(self._cfg, model_config)
-        self._plan = plan(self._cfg, model_config, _device(), _vllm_support())
+        cfg = self._cfg
+        kv_space = planner.cpu_kv_space_gib(
+            model_config,
+            max_model_len=cfg.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            kv_dtype=cfg.kv_cache_dtype,
+            ram_gib=psutil.virtual_memory().total / 2**30,
+        )
+        prepare_environment(cfg, on_cpu=on_cpu, kv_space_gib=kv_space)
+        check_context(cfg, model_config)
+        device = _device()
+        self._plan = plan(cfg, model_config, device, _vllm_support())
         log.info(
             "engine.quantization", method=self._plan.method, kernel=self._plan.kernel, notes=list(self._plan.notes)
         )
+        if device.kind == "cuda":
+            spec = planner.spec_from_config(self.model_name, model_config, self._plan.method)
+            planner.check_single(spec, _gpu_total_gib(), cfg.gpu_memory_utilization, cfg.max_model_len)
+        else:
+            log.info("engine.cpu_kv_cache", gib=os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
         return self._plan
 
     def _engine_args(self, *, on_cpu: bool) -> Any:  # noqa: ANN401 - vllm's AsyncEngineArgs, imported late
@@ -241,6 +257,12 @@ def _device() -> Device:
         return Device("cpu")
     capability = current_platform.get_device_capability()
     return Device("cuda", capability.to_int() if capability else None, str(current_platform.get_device_name()))
+
+
+def _gpu_total_gib() -> float:
+    from vllm.platforms import current_platform  # noqa: PLC0415
+
+    return float(current_platform.get_device_total_memory()) / 2**30
 
 
 def _vllm_support() -> VllmSupport:

@@ -1,0 +1,583 @@
+"""Side-by-side benchmark, one run, one process tree, same model and prompts:
+
+  (a) direct   the bare in-process AsyncLLM, no MQTT (benchmarks/direct_engine.py)
+  (b) amqtt    vllm-worker over its embedded broker
+  (c) mosquitto vllm-worker over Mosquitto
+  (d) legacy   the old script's design: one synchronous LLM.generate per request, one at a time,
+               from a thread pool, over MQTT (benchmarks/legacy_worker.py)
+
+    .venv/bin/python benchmarks/bench.py [--levels 1,8,32] [--max-tokens 64] [--history] [--micro]
+    .venv/bin/vllm-worker bench ...       (the same)
+
+Every arm generates exactly --max-tokens tokens per request (ignore_eos), greedy, on the prompts of
+benchmarks/data/prompts.json (--history prepends a 4-turn chat). Reports per arm and level: output
+tok/s, requests/s, TTFT/TPOT/end-to-end p50 and p99, worker RSS, and the ratios (b)/(a), (c)/(a), (b)/(d).
+Writes benchmarks/results/latest.{json,md,png}. --micro adds the MQTT path alone with the fake engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+from rich.progress import Progress, TaskID
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from worker.bus import Bus
+from worker.client import Client
+from worker.config import BrokerConfig
+
+RESULTS = ROOT / "benchmarks" / "results"
+MODEL = ROOT / "models" / "smollm2-135m-instruct"
+PROJECT = "general"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
+
+
+@dataclass
+class LevelResult:
+    arm: str
+    concurrency: int
+    requests: int
+    wall_s: float
+    samples: list[dict[str, float]]
+    rss_mib: float = 0.0
+    errors: int = 0
+
+    def summary(self) -> dict[str, float]:
+        ok = [s for s in self.samples if s.get("tokens", 0) > 0]
+        tokens = sum(s["tokens"] for s in ok)
+        ttft = [s["ttft_s"] * 1000 for s in ok]
+        e2e = [s["e2e_s"] * 1000 for s in ok]
+        tpot = [(s["e2e_s"] - s["ttft_s"]) * 1000 / max(1, s["tokens"] - 1) for s in ok]
+        return {
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "errors": self.errors,
+            "tok_per_s": tokens / self.wall_s if self.wall_s else 0.0,
+            "req_per_s": len(ok) / self.wall_s if self.wall_s else 0.0,
+            "ttft_ms_p50": pct(ttft, 50),
+            "ttft_ms_p99": pct(ttft, 99),
+            "tpot_ms_p50": pct(tpot, 50),
+            "tpot_ms_p99": pct(tpot, 99),
+            "e2e_ms_p50": pct(e2e, 50),
+            "e2e_ms_p99": pct(e2e, 99),
+            "rss_mib": self.rss_mib,
+        }
+
+
+def tree_rss_mib(pid: int) -> float:
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total / 2**20
+
+
+@contextlib.contextmanager
+def mosquitto() -> Iterator[int]:
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-mosq-"))
+    conf = tmp / "m.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
+        "max_queued_messages 0\nmax_inflight_messages 0\n"
+    )
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def process(cmd: list[str], ready_marker: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    """Start a server process and wait for its ready line (stderr or stdout)."""
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if ready_marker in line:
+                break
+        else:
+            raise RuntimeError(f"{cmd[2:4]} exited before ready:\n{''.join(lines[-30:])}")
+        # keep draining output so the child never blocks on a full pipe
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def chats(history: bool) -> list[list[dict[str, str]]]:
+    data = json.loads((ROOT / "benchmarks" / "data" / "prompts.json").read_text())
+    prefix = data["history"] if history else []
+    return [[*prefix, {"role": "user", "content": p}] for p in data["prompts"]]
+
+
+def levels(spec: str, legacy: bool = False) -> list[dict[str, int]]:
+    out = []
+    for c in (int(x) for x in spec.split(",")):
+        n = max(8, 2 * c)
+        if legacy:
+            n = min(n, max(8, c))  # one at a time: keep the serial arm's run time bounded
+        out.append({"concurrency": c, "requests": n})
+    return out
+
+
+async def run_worker_level(
+    port: int, level: dict[str, int], convo: list[list[dict[str, str]]], max_tokens: int, arm: str
+) -> LevelResult:
+    async with Client(BrokerConfig(url=f"mqtt://127.0.0.1:{port}", protocol="auto")) as client:
+        sem = asyncio.Semaphore(level["concurrency"])
+        samples: list[dict[str, float]] = []
+        errors = 0
+
+        async def one(i: int) -> None:
+            nonlocal errors
+            async with sem:
+                started = time.perf_counter()
+                first = None
+                chat = convo[i % len(convo)]
+                history = {"messages": chat} if len(chat) > 1 else {}
+                async for chunk in client.stream(
+                    PROJECT, chat[-1]["content"], session=f"b{i}", maxTokens=max_tokens, temperature=0, **history
+                ):
+                    if first is None and chunk.delta:
+                        first = time.perf_counter()
+                    if chunk.done:
+                        end = time.perf_counter()
+                        assert chunk.reply is not None
+                        if not chunk.reply.ok:
+                            errors += 1
+                            return
+                        tokens = chunk.reply.raw["usage"]["completionTokens"]
+                        samples.append({"ttft_s": (first or end) - started, "e2e_s": end - started, "tokens": tokens})
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(level["requests"])))
+        return LevelResult(
+            arm, level["concurrency"], level["requests"], time.perf_counter() - started, samples, errors=errors
+        )
+
+
+async def run_legacy_level(
+    port: int, level: dict[str, int], convo: list[list[dict[str, str]]], max_tokens: int
+) -> LevelResult:
+    async with Bus(BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), "bench-legacy-client", protocol="3.1.1") as bus:
+        await bus.subscribe([f"{PROJECT}/assistant_response/+"])
+        await asyncio.sleep(0.1)
+        waiting: dict[str, asyncio.Future[float]] = {}
+
+        async def reader() -> None:
+            while True:
+                msg = await bus.messages()
+                bus.ack(msg)
+                fut = waiting.pop(msg.topic.rsplit("/", 1)[1], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(time.perf_counter())
+
+        task = asyncio.create_task(reader())
+        sem = asyncio.Semaphore(level["concurrency"])
+        samples: list[dict[str, float]] = []
+
+        async def one(i: int) -> None:
+            async with sem:
+                session = f"l{level['concurrency']}-{i}"
+                chat = convo[i % len(convo)]
+                fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+                waiting[session] = fut
+                body = {
+                    "message": chat[-1]["content"],
+                    "history": chat[:-1],
+                    "sessionId": session,
+                    "maxTokens": max_tokens,
+                }
+                started = time.perf_counter()
+                await bus.publish(f"{PROJECT}/user_input", json.dumps(body).encode())
+                end = await asyncio.wait_for(fut, 900)
+                # no streaming in the old design: the first token reaches the client with the last one
+                samples.append({"ttft_s": end - started, "e2e_s": end - started, "tokens": max_tokens})
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(level["requests"])))
+        wall = time.perf_counter() - started
+        task.cancel()
+        return LevelResult("legacy", level["concurrency"], level["requests"], wall, samples)
+
+
+def worker_env(telemetry_s: float = 5.0) -> dict[str, str]:
+    return {
+        "VLLM_WORKER_GENERATION__IGNORE_EOS": "true",
+        "VLLM_WORKER_WORKER__STREAM_INTERVAL_MS": "0",  # every token is a chunk: exact TTFT
+        "VLLM_WORKER_WORKER__STREAM_MAX_TOKENS": "1",
+        "VLLM_WORKER_WORKER__MAX_INFLIGHT": "1024",
+        "VLLM_WORKER_WORKER__TELEMETRY_INTERVAL_S": str(telemetry_s),
+        "VLLM_WORKER_LOG__LEVEL": "warning",
+    }
+
+
+async def arm_worker(
+    name: str,
+    broker_port: int | None,
+    spec: str,
+    convo: list[list[dict[str, str]]],
+    max_tokens: int,
+    progress: Progress,
+    task: TaskID,
+    telemetry_s: float = 5.0,
+) -> list[LevelResult]:
+    port = broker_port or free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "worker",
+        "--projects",
+        PROJECT,
+        "--worker-id",
+        f"bench-{name}",
+        "--max-num-seqs",
+        "64",
+        "--max-model-len",
+        "2048",
+        "--model",
+        str(MODEL),
+    ]
+    cmd += ["--broker", f"mqtt://127.0.0.1:{port}"] if broker_port else ["--port", str(port)]
+    results = []
+    with process(cmd, "vllm-worker: ready", worker_env(telemetry_s)) as proc:
+        for level in levels(spec):
+            result = await run_worker_level(port, level, convo, max_tokens, name)
+            result.rss_mib = tree_rss_mib(proc.pid)
+            results.append(result)
+            progress.advance(task)
+    return results
+
+
+async def arm_direct(
+    spec: str, convo: list[list[dict[str, str]]], max_tokens: int, progress: Progress, task: TaskID
+) -> list[LevelResult]:
+    payload = json.dumps({"model": str(MODEL), "levels": levels(spec), "chats": convo, "max_tokens": max_tokens})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "benchmarks" / "direct_engine.py"),
+        payload,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    results = []
+    async for raw in proc.stdout:
+        if not raw.startswith(b"{"):
+            continue  # vLLM logs to stdout too
+        line = json.loads(raw)
+        if "level" in line:
+            lv = line["level"]
+            results.append(
+                LevelResult(
+                    "direct",
+                    lv["concurrency"],
+                    lv["requests"],
+                    line["wall_s"],
+                    line["samples"],
+                    rss_mib=tree_rss_mib(proc.pid),
+                )
+            )
+            progress.advance(task)
+    await proc.wait()
+    return results
+
+
+async def arm_legacy(
+    port: int, spec: str, convo: list[list[dict[str, str]]], max_tokens: int, progress: Progress, task: TaskID
+) -> list[LevelResult]:
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "legacy_worker.py"),
+        "--port",
+        str(port),
+        "--model",
+        str(MODEL),
+        "--project",
+        PROJECT,
+        "--ignore-eos",
+    ]
+    results = []
+    with process(cmd, "READY") as proc:
+        for level in levels(spec, legacy=True):
+            result = await run_legacy_level(port, level, convo, max_tokens)
+            result.rss_mib = tree_rss_mib(proc.pid)
+            results.append(result)
+            progress.advance(task)
+    return results
+
+
+# ---- micro-benchmark: the MQTT path alone (fake engine, zero latency) ------------------------------------
+async def micro(requests: int, concurrency: int, flood: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    env = {"VLLM_WORKER_WORKER__MAX_INFLIGHT": "100000", "VLLM_WORKER_LOG__LEVEL": "warning"}
+    for broker in ("amqtt", "mosquitto"):
+        with contextlib.ExitStack() as stack:
+            port = stack.enter_context(mosquitto()) if broker == "mosquitto" else free_port()
+            cmd = [sys.executable, "-m", "worker", "--engine", "fake", "--projects", PROJECT, "--worker-id", "micro"]
+            cmd += ["--broker", f"mqtt://127.0.0.1:{port}"] if broker == "mosquitto" else ["--port", str(port)]
+            stack.enter_context(process(cmd, "vllm-worker: ready", env))
+            async with Client(BrokerConfig(url=f"mqtt://127.0.0.1:{port}")) as client:
+                sem = asyncio.Semaphore(concurrency)
+
+                async def one(i: int) -> bool:
+                    async with sem:
+                        return (await client.ask(PROJECT, f"hello {i}", session=f"m{i % 64}")).ok
+
+                started = time.perf_counter()
+                oks = await asyncio.gather(*(one(i) for i in range(requests)))
+                req_s = requests / (time.perf_counter() - started)
+            rejects_s = await flood_invalid(port, flood)
+            out[broker] = {"requests_per_s": round(req_s, 1), "ok": sum(oks), "rejects_per_s": round(rejects_s, 1)}
+    return out
+
+
+async def flood_invalid(port: int, count: int) -> float:
+    """Publish `count` malformed payloads; time until every `Error: ...` reply is back."""
+    async with Bus(BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), "micro-flood", protocol="3.1.1") as bus:
+        topic = f"{PROJECT}/assistant_response/flood"
+        await bus.subscribe([topic])
+        await asyncio.sleep(0.1)
+        got = 0
+        done = asyncio.Event()
+
+        async def reader() -> None:
+            nonlocal got
+            while True:
+                msg = await bus.messages()
+                bus.ack(msg)
+                if msg.payload.startswith(b"Error:"):
+                    got += 1
+                    if got >= count:
+                        done.set()
+
+        task = asyncio.create_task(reader())
+        started = time.perf_counter()
+        for _ in range(count):
+            await bus.publish(f"{PROJECT}/user_input/flood", b'{"message": "unterminated', wait=False)
+        await asyncio.wait_for(done.wait(), 120)
+        task.cancel()
+        return count / (time.perf_counter() - started)
+
+
+# ---- report ----------------------------------------------------------------------------------------------
+def report(results: dict[str, list[LevelResult]], args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+    table = {arm: [r.summary() for r in rows] for arm, rows in results.items()}
+
+    def tok(arm: str, c: int) -> float:
+        return next((r["tok_per_s"] for r in table.get(arm, []) if r["concurrency"] == c), 0.0)
+
+    def ttft(arm: str, c: int) -> float:
+        return next((r["ttft_ms_p50"] for r in table.get(arm, []) if r["concurrency"] == c), 0.0)
+
+    conc = [int(c) for c in args.levels.split(",")]
+    ratios = {
+        c: {
+            "amqtt/direct": tok("amqtt", c) / tok("direct", c) if tok("direct", c) else None,
+            "mosquitto/direct": tok("mosquitto", c) / tok("direct", c) if tok("direct", c) else None,
+            "amqtt/legacy": tok("amqtt", c) / tok("legacy", c) if tok("legacy", c) else None,
+            "ttft_overhead_ms_amqtt": ttft("amqtt", c) - ttft("direct", c),
+            "ttft_overhead_ms_mosquitto": ttft("mosquitto", c) - ttft("direct", c),
+        }
+        for c in conc
+    }
+    batching_gain = tok("direct", max(conc)) / tok("direct", min(conc)) if tok("direct", min(conc)) else None
+    return {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+        f"{'GPU' if Path('/dev/nvidiactl').exists() else 'no GPU'}",
+        "model": MODEL.name,
+        "max_tokens": args.max_tokens,
+        "variant": "history" if args.history else "fixed",
+        "arms": table,
+        "ratios": ratios,
+        "engine_batching_gain": batching_gain,
+        **extra,
+    }
+
+
+def markdown(rep: dict[str, Any]) -> str:
+    lines = [
+        (
+            f"Benchmark {rep['when']} on {rep['machine']}; model {rep['model']}, {rep['max_tokens']} "
+            f"tokens/request (ignore_eos), variant {rep['variant']}."
+        ),
+        "",
+        "| arm | conc | tok/s | req/s | TTFT p50/p99 ms | TPOT p50/p99 ms | e2e p50/p99 ms | RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, rows in rep["arms"].items():
+        for r in rows:
+            lines.append(
+                f"| {arm} | {r['concurrency']} | {r['tok_per_s']:.1f} | {r['req_per_s']:.2f} | "
+                f"{r['ttft_ms_p50']:.0f}/{r['ttft_ms_p99']:.0f} | {r['tpot_ms_p50']:.1f}/{r['tpot_ms_p99']:.1f} | "
+                f"{r['e2e_ms_p50']:.0f}/{r['e2e_ms_p99']:.0f} | {r['rss_mib']:.0f} |"
+            )
+    lines += [
+        "",
+        "| conc | (b) amqtt/(a) direct | (c) mosquitto/(a) | (b)/(d) legacy | TTFT overhead (b), (c) ms |",
+        "|---|---|---|---|---|",
+    ]
+    for c, r in rep["ratios"].items():
+
+        def f(x: float | None) -> str:
+            return "-" if x is None else f"{x:.3f}"
+
+        lines.append(
+            f"| {c} | {f(r['amqtt/direct'])} | {f(r['mosquitto/direct'])} | {f(r['amqtt/legacy'])} | "
+            f"{r['ttft_overhead_ms_amqtt']:.1f}, {r['ttft_overhead_ms_mosquitto']:.1f} |"
+        )
+    if rep.get("engine_batching_gain"):
+        lines.append(
+            f"\nEngine batching gain (direct tok/s at max ÷ min concurrency): {rep['engine_batching_gain']:.2f}x"
+        )
+    if "micro" in rep:
+        lines += [
+            "",
+            "MQTT path alone (fake engine): | broker | requests/s | rejects/s (malformed flood) |",
+            "|---|---|---|",
+        ]
+        for broker, m in rep["micro"].items():
+            lines.append(f"| {broker} | {m['requests_per_s']} | {m['rejects_per_s']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rep: dict[str, Any], path: Path) -> None:
+    import matplotlib as mpl  # noqa: PLC0415
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for arm, rows in rep["arms"].items():
+        xs = [r["concurrency"] for r in rows]
+        ax1.plot(xs, [r["tok_per_s"] for r in rows], marker="o", label=arm)
+        ax2.plot(xs, [r["ttft_ms_p50"] for r in rows], marker="o", label=arm)
+    ax1.set(xlabel="concurrency", ylabel="output tok/s", title="Throughput", xscale="log")
+    ax2.set(xlabel="concurrency", ylabel="TTFT p50 (ms)", title="Time to first token", xscale="log", yscale="log")
+    for ax in (ax1, ax2):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"vllm-worker, {rep['model']}, {rep['machine']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    if not (MODEL / "config.json").is_file():
+        print("demo model missing: run `make model`", file=sys.stderr)
+        return 2
+    convo = chats(args.history)
+    arms = [a for a in args.arms.split(",") if a]
+    n_levels = len(args.levels.split(","))
+    results: dict[str, list[LevelResult]] = {}
+    extra: dict[str, Any] = {}
+    with Progress() as progress:
+        task = progress.add_task("benchmark", total=n_levels * len(arms) + (1 if args.micro else 0))
+        for arm in arms:  # one engine at a time: the 2-core machine is never shared between arms
+            progress.update(task, description=f"arm {arm}")
+            if arm == "direct":
+                results[arm] = await arm_direct(args.levels, convo, args.max_tokens, progress, task)
+            elif arm == "amqtt":
+                results[arm] = await arm_worker(arm, None, args.levels, convo, args.max_tokens, progress, task)
+            elif arm == "mosquitto":
+                with mosquitto() as port:
+                    results[arm] = await arm_worker(arm, port, args.levels, convo, args.max_tokens, progress, task)
+            elif arm == "legacy":
+                with mosquitto() as port:
+                    results[arm] = await arm_legacy(port, args.levels, convo, args.max_tokens, progress, task)
+            elif arm == "telemetry1s":
+                results[arm] = await arm_worker(arm, None, args.levels, convo, args.max_tokens, progress, task, 1.0)
+        if args.micro:
+            progress.update(task, description="micro (fake engine)")
+            extra["micro"] = await micro(args.micro_requests, 64, args.micro_flood)
+            progress.advance(task)
+    rep = report(results, args, extra)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(rep, indent=2))
+    md = markdown(rep)
+    (RESULTS / "latest.md").write_text(md)
+    try:
+        plot(rep, RESULTS / "latest.png")
+    except ImportError:
+        print("matplotlib missing: no plot (pip install matplotlib)", file=sys.stderr)
+    print(md)
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--levels", default="1,8,32")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--history", action="store_true", help="realistic variant: a 4-turn chat before each prompt")
+    p.add_argument("--arms", default="direct,amqtt,mosquitto,legacy", help="also: telemetry1s")
+    p.add_argument("--micro", action="store_true", help="also the MQTT path alone with the fake engine")
+    p.add_argument("--micro-requests", type=int, default=2000)
+    p.add_argument("--micro-flood", type=int, default=2000)
+    args = p.parse_args()
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
