@@ -41,9 +41,10 @@ from rich.progress import Progress, TaskID
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from worker import log as worker_log
 from worker.bus import Bus
 from worker.client import Client
-from worker.config import BrokerConfig
+from worker.config import BrokerConfig, LogConfig
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = ROOT / "models" / "smollm2-135m-instruct"
@@ -184,6 +185,7 @@ async def run_worker_level(
     port: int, level: dict[str, int], convo: list[list[dict[str, str]]], max_tokens: int, arm: str
 ) -> LevelResult:
     async with Client(BrokerConfig(url=f"mqtt://127.0.0.1:{port}", protocol="auto")) as client:
+        await client.ask(PROJECT, "warm up", maxTokens=4)  # every arm gets one untimed request first
         sem = asyncio.Semaphore(level["concurrency"])
         samples: list[dict[str, float]] = []
         errors = 0
@@ -233,6 +235,12 @@ async def run_legacy_level(
                     fut.set_result(time.perf_counter())
 
         task = asyncio.create_task(reader())
+        warm: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        waiting["warmup"] = warm
+        await bus.publish(
+            f"{PROJECT}/user_input", json.dumps({"message": "warm up", "sessionId": "warmup", "maxTokens": 4}).encode()
+        )
+        await asyncio.wait_for(warm, 120)
         sem = asyncio.Semaphore(level["concurrency"])
         samples: list[dict[str, float]] = []
 
@@ -264,8 +272,6 @@ async def run_legacy_level(
 def worker_env(telemetry_s: float = 5.0) -> dict[str, str]:
     return {
         "VLLM_WORKER_GENERATION__IGNORE_EOS": "true",
-        "VLLM_WORKER_WORKER__STREAM_INTERVAL_MS": "0",  # every token is a chunk: exact TTFT
-        "VLLM_WORKER_WORKER__STREAM_MAX_TOKENS": "1",
         "VLLM_WORKER_WORKER__MAX_INFLIGHT": "1024",
         "VLLM_WORKER_WORKER__TELEMETRY_INTERVAL_S": str(telemetry_s),
         "VLLM_WORKER_LOG__LEVEL": "warning",
@@ -576,6 +582,7 @@ def main() -> int:
     p.add_argument("--micro-requests", type=int, default=2000)
     p.add_argument("--micro-flood", type=int, default=2000)
     args = p.parse_args()
+    worker_log.setup(LogConfig(level="warning"))
     return asyncio.run(main_async(args))
 
 

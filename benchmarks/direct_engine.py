@@ -44,6 +44,7 @@ async def main() -> None:
         AsyncEngineArgs(model=spec["model"], enforce_eager=True, max_model_len=2048, max_num_seqs=64)
     )
     tok = llm.get_tokenizer()
+    await one(llm, tok, [{"role": "user", "content": "warm up"}], 4, "warmup")  # untimed, as in every arm
     print(json.dumps({"ready": True}), flush=True)
     n = 0
     for level in spec["levels"]:

@@ -61,6 +61,7 @@ def serve_parser() -> argparse.ArgumentParser:
     _flag(p, "topic_prefix")
     _flag(p, "log_level", choices=["debug", "info", "warning", "error"])
     _flag(p, "engine", choices=["vllm", "fake"], help="fake: a scripted engine for tests and benchmarks")
+    _flag(p, "model_index", type=int, help=argparse.SUPPRESS)  # a supervised child: serve [[models]][i]
     return p
 
 
@@ -120,6 +121,10 @@ def serve(argv: Sequence[str]) -> int:
     try:
         cfg = _config_from(args)
         log.setup(cfg.log)
+        if cfg.models and args.model_index is None:
+            return _supervise(cfg, args)
+        if args.model_index is not None:
+            cfg = cfg.for_model(args.model_index, args.gpu_memory_utilization)
         projects = load_projects(cfg.worker.topics_dir, cfg.worker.projects)
         if args.engine == "fake":
             from worker.engine.fake import FakeEngine  # noqa: PLC0415
@@ -136,6 +141,23 @@ def serve(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         say(f"error: {exc}")
         return EXIT_CONFIG
+
+
+def _supervise(cfg: WorkerConfig, args: argparse.Namespace) -> int:
+    """Several `[[models]]`: one supervised worker process per model (see worker/supervisor.py)."""
+    from worker.projects import load_projects  # noqa: PLC0415
+    from worker.service import default_worker_id  # noqa: PLC0415
+    from worker.supervisor import Supervisor  # noqa: PLC0415
+
+    for entry in cfg.models:
+        load_projects(cfg.worker.topics_dir, entry.projects)  # fail here, not in a restart loop
+    # the file carries everything else; only these flags are passed on to every child
+    extra = ["--engine", args.engine] if args.engine else []
+    if args.log_level:
+        extra += ["--log-level", args.log_level]
+    base_id = cfg.worker.id or default_worker_id(None)
+    file = Path(args.config or os.environ["VLLM_WORKER_CONFIG"])
+    return asyncio.run(_run(Supervisor(cfg, file, base_id, extra, say)))
 
 
 async def _run(service: Any) -> int:  # noqa: ANN401 - Service, imported lazily

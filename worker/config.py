@@ -134,6 +134,14 @@ class LogConfig(_Section):
     json_format: bool = False
 
 
+class ModelEntry(ModelConfig):
+    """One of several models on one GPU (`[[models]]`): a model config plus the projects it serves."""
+
+    projects: list[str] = Field(min_length=1)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # type: ignore[assignment]
+    """None = the planner's split."""
+
+
 class WorkerConfig(_Section):
     """The whole configuration of one worker process."""
 
@@ -143,6 +151,20 @@ class WorkerConfig(_Section):
     sessions: SessionsConfig = Field(default_factory=SessionsConfig)
     worker: WorkerSection = Field(default_factory=WorkerSection)
     log: LogConfig = Field(default_factory=LogConfig)
+    models: list[ModelEntry] = Field(default_factory=list)
+    """Several models on one GPU: the worker supervises one process per entry (see `supervisor`)."""
+
+    def for_model(self, index: int, utilization: float | None) -> WorkerConfig:
+        """The single-model config of entry `index` (what its child process runs)."""
+        entry = self.models[index]
+        model = ModelConfig.model_validate(
+            {
+                **entry.model_dump(exclude={"projects", "gpu_memory_utilization"}),
+                "gpu_memory_utilization": entry.gpu_memory_utilization or utilization or 0.9,
+            }
+        )
+        worker = self.worker.model_copy(update={"projects": entry.projects})
+        return self.model_copy(update={"model": model, "worker": worker, "models": []})
 
 
 def resolve_path(path: str) -> Path:

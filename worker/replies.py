@@ -1,7 +1,8 @@
 """`Replier`: turns a request's progress into wire messages (classic text or v2 JSON) and publishes them.
 
-v2 streams are coalesced: a chunk goes out when `stream_max_tokens` tokens have accumulated or
-`stream_interval_ms` passed since the previous one, so a fast model does not flood the broker. `seq`
+v2 streams are coalesced: the first chunk goes out at once (it is the time to first token), later ones
+when `stream_max_tokens` tokens have accumulated or `stream_interval_ms` passed since the previous one,
+so a fast model does not flood the broker. `seq`
 rises by one per message of a request; the final message carries the whole text, usage and timing.
 """
 
@@ -72,8 +73,9 @@ class Stream:
         self._raw += text
         self._pending_tokens += tokens
         now = time.monotonic()
+        first = self._seq == 0  # the first token goes out at once: time-to-first-token is what users feel
         full = self._pending_tokens >= self._replier.max_tokens
-        if full or now - self._last_flush >= self._replier.interval_ms / 1000:
+        if first or full or now - self._last_flush >= self._replier.interval_ms / 1000:
             delta = self._unsent(visible_text(self._request.project, self._raw))
             if delta:
                 await self._flush(delta, now)

@@ -46,13 +46,13 @@ async def test_stream_chunks_are_coalesced_by_tokens_and_ordered():
         client_for(w.port) as c,
     ):
         chunks = [ch async for ch in c.stream("maze", "go", maxTokens=100)]
-    assert [ch.seq for ch in chunks] == [1, 2, 3]  # 16 + 16 tokens, then the final message
-    assert [len(ch.delta.split()) for ch in chunks[:-1]] == [16, 16]
+    assert [ch.seq for ch in chunks] == [1, 2, 3, 4]  # first token at once, 16 + 16 tokens, then the final
+    assert [len(ch.delta.split()) for ch in chunks[:-1]] == [1, 16, 16]
     final = chunks[-1]
     assert final.done
     assert final.reply is not None
     assert final.reply.text == WORDS  # the final message carries the whole text
-    assert "".join(ch.delta for ch in chunks[:-1]) == " ".join(WORDS.split()[:32])
+    assert "".join(ch.delta for ch in chunks[:-1]) == " ".join(WORDS.split()[:33])
     assert "".join(ch.delta for ch in chunks) == WORDS  # ... and the rest as its delta
 
 
