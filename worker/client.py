@@ -118,6 +118,17 @@ class Client:
             del body["message"]
         return json.dumps(body).encode()
 
+    @contextlib.asynccontextmanager
+    async def _inbox(self, project: str, key: str) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
+        """Messages for `key` (a requestId, or reset:<session>) on this client's reply topic, while open."""
+        await self._ensure_subscribed(project)
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._inboxes[key] = inbox
+        try:
+            yield inbox
+        finally:
+            self._inboxes.pop(key, None)
+
     async def stream(
         self,
         project: str,
@@ -132,22 +143,17 @@ class Client:
 
         `timeout_s` bounds the wait for each next message.
         """
-        await self._ensure_subscribed(project)
         request_id = request_id or uuid.uuid4().hex
-        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._inboxes[request_id] = inbox
-        try:
+        async with self._inbox(project, request_id) as inbox:
             payload = self._body(message, session, request_id, {**fields, "stream": True})
             await self._bus.publish(self._topics.user_input(project), payload)
             while True:
                 async with asyncio.timeout(timeout_s):
                     body = await inbox.get()
-                if body.get("done"):
-                    yield Chunk(int(body.get("seq", 0)), str(body.get("delta", "")), done=True, reply=_reply(body))
+                done = bool(body.get("done"))
+                yield Chunk(int(body.get("seq", 0)), str(body.get("delta", "")), done, _reply(body) if done else None)
+                if done:
                     return
-                yield Chunk(int(body.get("seq", 0)), str(body.get("delta", "")), done=False)
-        finally:
-            self._inboxes.pop(request_id, None)
 
     async def ask(
         self,
@@ -161,12 +167,9 @@ class Client:
         **fields: Any,  # noqa: ANN401 - protocol fields (temperature, maxTokens, ...)
     ) -> Reply:
         """Send one request and wait for its final reply; resend (same requestId) up to `retries` times."""
-        await self._ensure_subscribed(project)
         request_id = request_id or uuid.uuid4().hex
-        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._inboxes[request_id] = inbox
         payload = self._body(message, session, request_id, fields)
-        try:
+        async with self._inbox(project, request_id) as inbox:
             for attempt in range(retries + 1):
                 await self._bus.publish(self._topics.user_input(project), payload)
                 try:
@@ -177,9 +180,7 @@ class Client:
                 except TimeoutError:
                     if attempt == retries:
                         raise
-            raise AssertionError("unreachable")  # pragma: no cover
-        finally:
-            self._inboxes.pop(request_id, None)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def cancel(self, project: str, request_id: str) -> None:
         """Ask the worker to abort a request (its reply then carries error `cancelled`)."""
@@ -188,22 +189,16 @@ class Client:
 
     async def reset(self, project: str, session: str, timeout_s: float = 10.0) -> bool:
         """Forget a session's history on the worker; True once the worker confirmed."""
-        await self._ensure_subscribed(project)
-        key = f"reset:{session}"
-        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._inboxes[key] = inbox
-        try:
+        async with self._inbox(project, f"reset:{session}") as inbox:
             body = {"v": 2, "sessionId": session, "clientId": self.client_id}
             await self._bus.publish(self._topics.session_reset(project), json.dumps(body).encode())
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    got = await inbox.get()
-                    if got.get("sessionId") == session and got.get("reset"):
-                        return True
-        except TimeoutError:
-            return False
-        finally:
-            self._inboxes.pop(key, None)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    while not (await inbox.get()).get("reset"):
+                        continue
+                    return True
+            except TimeoutError:
+                return False
 
 
 def _reply(body: dict[str, Any]) -> Reply:
