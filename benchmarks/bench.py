@@ -47,7 +47,7 @@ from worker.client import Client
 from worker.config import BrokerConfig, LogConfig
 
 RESULTS = ROOT / "benchmarks" / "results"
-MODEL = ROOT / "models" / "smollm2-135m-instruct"
+MODEL = ROOT / "models" / "smollm2-135m-instruct"  # --model replaces it (e.g. a real model on a GPU host)
 PROJECT = "general"
 
 
@@ -575,6 +575,7 @@ async def main_async(args: argparse.Namespace) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--levels", default="1,8,32")
+    p.add_argument("--model", default=None, help="HF model dir (default: the demo model)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--history", action="store_true", help="realistic variant: a 4-turn chat before each prompt")
     p.add_argument("--arms", default="direct,amqtt,mosquitto,legacy", help="also: telemetry1s")
@@ -582,6 +583,9 @@ def main() -> int:
     p.add_argument("--micro-requests", type=int, default=2000)
     p.add_argument("--micro-flood", type=int, default=2000)
     args = p.parse_args()
+    if args.model:
+        global MODEL  # noqa: PLW0603 - one run, one model for every arm
+        MODEL = Path(args.model).resolve()
     worker_log.setup(LogConfig(level="warning"))
     return asyncio.run(main_async(args))
 

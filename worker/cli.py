@@ -50,6 +50,7 @@ def serve_parser() -> argparse.ArgumentParser:
     _flag(p, "gpu_memory_utilization", type=float)
     _flag(p, "max_model_len", type=int)
     _flag(p, "max_num_seqs", type=int)
+    _flag(p, "max_num_batched_tokens", type=int)
     _flag(p, "max_tokens", type=int, help="default answer length cap")
     _flag(p, "max_history_tokens", type=int)
     _flag(p, "enforce_eager", action=argparse.BooleanOptionalAction)
@@ -77,6 +78,7 @@ def flags_to_config(args: argparse.Namespace) -> dict[str, Any]:
         "gpu_memory_utilization": ("model", "gpu_memory_utilization"),
         "max_model_len": ("model", "max_model_len"),
         "max_num_seqs": ("model", "max_num_seqs"),
+        "max_num_batched_tokens": ("model", "max_num_batched_tokens"),
         "enforce_eager": ("model", "enforce_eager"),
         "max_tokens": ("generation", "max_tokens"),
         "max_history_tokens": ("sessions", "max_history_tokens"),

@@ -72,6 +72,8 @@ class ModelConfig(_Section):
     dtype: str = "auto"
     max_model_len: int = Field(2048, gt=0)
     max_num_seqs: int = Field(64, gt=0)
+    max_num_batched_tokens: int | None = Field(None, gt=0)
+    """Tokens per engine step (prefill chunking); None = vLLM's default."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     visible_devices: str | None = None
     enforce_eager: bool | None = None

@@ -149,3 +149,17 @@ async def test_status_is_published_retained():
         status = json.loads(p.received[-1].payload)
         assert status["worker"] == "test-worker"
         assert status["projects"] == ["maze", "driving"]
+
+
+async def test_unknown_fields_are_ignored_and_logged_once():
+    from structlog.testing import capture_logs
+
+    async with running_worker() as w, peer(w.port, ["maze/assistant_response/+"]) as p:
+        with capture_logs() as logs:
+            for i in range(3):
+                await p.publish("maze/user_input", {"message": f"m{i}", "sessionId": f"u{i}", "colour": "blue"})
+            await p.wait_for(lambda got: len(got) >= 3)
+    assert all(not m.payload.startswith(b"Error") for m in p.received)
+    warnings = [e for e in logs if e["event"] == "request.unknown_fields_ignored"]
+    assert len(warnings) == 1
+    assert warnings[0]["fields"] == ["colour"]

@@ -144,3 +144,12 @@ def test_cli_plan_json_and_exit_code():
     )
     assert bad.returncode == 1
     assert "does not fit" in bad.stdout
+
+
+def test_single_model_that_cannot_fit_its_gpu_share_fails_before_load():
+    from worker.plan import check_single
+
+    dense_33b = load_spec("deepseek-coder-33b")
+    with pytest.raises(ConfigError, match="Quantize it"):
+        check_single(dense_33b, 80.0, 0.5, 8192)
+    check_single(load_spec("deepseek-coder-33b:awq"), 80.0, 0.5, 8192)  # 16.8 GiB + 2 + 1.9 < 40

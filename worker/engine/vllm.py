@@ -124,6 +124,7 @@ class VllmEngine:
             kv_cache_dtype=cfg.kv_cache_dtype,  # type: ignore[arg-type]  # same
             max_model_len=cfg.max_model_len,
             max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enforce_eager=eager,
             enable_prefix_caching=cfg.enable_prefix_caching,
