@@ -41,8 +41,15 @@ async def main() -> None:
     from vllm.v1.engine.async_llm import AsyncLLM  # noqa: PLC0415
 
     llm = AsyncLLM.from_engine_args(
-        AsyncEngineArgs(model=spec["model"], enforce_eager=True, max_model_len=2048, max_num_seqs=64)
+        AsyncEngineArgs(
+            model=spec["model"],
+            enforce_eager=True,
+            max_model_len=2048,
+            max_num_seqs=64,
+            quantization=spec.get("quantization"),
+        )
     )
+    print(json.dumps({"quantization": str(llm.model_config.quantization or "none")}), flush=True)
     tok = llm.get_tokenizer()
     await one(llm, tok, [{"role": "user", "content": "warm up"}], 4, "warmup")  # untimed, as in every arm
     print(json.dumps({"ready": True}), flush=True)

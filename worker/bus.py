@@ -72,8 +72,13 @@ class Bus:
         will: Will | None = None,
         inbox_size: int = 256,
         protocol: str | None = None,
+        *,
+        persistent: bool = False,
+        receive_maximum: int | None = None,
     ) -> None:
         self._cfg = cfg
+        self._persistent = persistent
+        self._receive_maximum = receive_maximum
         self._client_id = client_id
         self._will = will
         self._protocol = protocol or cfg.protocol
@@ -131,13 +136,14 @@ class Bus:
             CallbackAPIVersion.VERSION2,
             client_id=self._client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else True,
+            clean_session=None if v5 else not self._persistent,
             manual_ack=True,
         )
         client.suppress_exceptions = True
         client.enable_logger(_PAHO_LOG)  # swallowed callback errors still get logged
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.max_inflight_messages_set(64)
+        client.max_queued_messages_set(self._cfg.max_queued_replies)
         client.on_socket_open = _nodelay
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -165,7 +171,16 @@ class Bus:
         client = self._make_client(version)
         self._first_connack = self._loop.create_future()
         self._client = client
-        client.connect_async(host, port, keepalive=self._cfg.keepalive_s)
+        props = None
+        if version == "5" and (self._persistent or self._receive_maximum):
+            # (amqtt hangs on CONNECT properties: only the v5 probe, with its short timeout, may meet it)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            if self._persistent:
+                props.SessionExpiryInterval = self._cfg.session_expiry_s
+            if self._receive_maximum:
+                props.ReceiveMaximum = self._receive_maximum
+        clean = not self._persistent if version == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        client.connect_async(host, port, keepalive=self._cfg.keepalive_s, clean_start=clean, properties=props)
         client.loop_start()
         try:
             async with asyncio.timeout(timeout_s):
@@ -299,7 +314,10 @@ class Bus:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.CorrelationData = correlation_data
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=props)
-        if qos == 0 or not wait or info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            log.error("bus.publish_dropped", topic=topic[:128], reason="outgoing queue full while disconnected")
+            return
+        if qos == 0 or not wait:
             return
         assert self._loop is not None  # noqa: S101
         fut = self._loop.create_future()

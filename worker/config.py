@@ -40,6 +40,10 @@ class BrokerConfig(_Section):
     keepalive_s: int = 30
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     connect_timeout_s: float = 15.0
+    session_expiry_s: int = Field(3600, ge=0)
+    """A worker's MQTT 5 session (its unacked requests) survives a restart this long; 0 = clean sessions."""
+    max_queued_replies: int = Field(10_000, gt=0)
+    """Replies buffered while the broker is unreachable; beyond this they are dropped and logged."""
 
     @field_validator("url")
     @classmethod
@@ -121,6 +125,10 @@ class WorkerSection(_Section):
     """A requestId seen within this window is not generated again (its final reply is re-sent)."""
     dedupe_max_entries: int = Field(10_000, gt=0)
     """Bound on remembered requestIds (oldest forgotten first): memory stays bounded."""
+    share_group: str = Field("vllm-worker", pattern=r"^[A-Za-z0-9_.-]*$")
+    """MQTT 5 shared-subscription group: workers of a group split each project ("" = every worker gets all)."""
+    receive_maximum: int | None = Field(None, gt=0)
+    """MQTT 5 ReceiveMaximum: unacked requests the broker may hand this worker (None = 2 x max_num_seqs)."""
     telemetry_interval_s: float = Field(5.0, gt=0)
     """Period of `vllm-worker/{id}/telemetry` messages."""
     project_telemetry: bool = False

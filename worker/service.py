@@ -80,6 +80,8 @@ class Service:
         self._by_id: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._finals: dict[asyncio.Task[None], FinalReply] = {}
         self._cancel_reasons: dict[asyncio.Task[None], WorkerError] = {}
+        self._unacked: dict[asyncio.Task[None], InboundMessage] = {}
+        self._grouped = False
         self._warned_fields: set[str] = set()
         self._started = time.monotonic()
         self.counters: Counter[tuple[str, str]] = Counter()
@@ -100,8 +102,23 @@ class Service:
                 broker_cfg = broker_cfg.model_copy(update={"embedded_port": broker.port, "protocol": "3.1.1"})
                 self.broker_port = broker.port
             will = Will(self._status_topic, self._status_payload("offline"))
-            bus = await stack.enter_async_context(Bus(broker_cfg, self.worker_id, will=will))
+            persistent = broker_cfg.url is not None and broker_cfg.session_expiry_s > 0
+            bus = await stack.enter_async_context(
+                Bus(
+                    broker_cfg,
+                    broker_cfg.client_id or self.worker_id,
+                    will=will,
+                    persistent=persistent,
+                    receive_maximum=self._cfg.worker.receive_maximum or 2 * self._cfg.model.max_num_seqs,
+                )
+            )
             self._bus = bus
+            # MQTT 5 + a share group: N workers split each project, and a request is acked only once its
+            # final reply is out, so a crashed worker's requests are redelivered when it comes back.
+            self._grouped = bus.is_v5 and bool(self._cfg.worker.share_group)
+            if not self._grouped:
+                reason = "share_group is empty" if bus.is_v5 else "the broker speaks MQTT 3.1.1 only (amqtt?)"
+                log.info("bus.scale_out_off", reason=reason, delivery="acked on acceptance")
             await self._publish_status("starting")
             stack.push_async_callback(self._publish_status, "offline")
             self._say(f"engine starting: {self._cfg.model.path}")
@@ -141,6 +158,8 @@ class Service:
         filters: list[str] = []
         for name in self._projects:
             filters += [self._topics.user_input(name), self._topics.user_input_sessions(name)]
+        if self._grouped:
+            return [f"$share/{self._cfg.worker.share_group}/{f}" for f in filters]
         return filters
 
     def _control_filters(self) -> list[str]:
@@ -250,23 +269,30 @@ class Service:
         while not stop.is_set():
             msg = await bus.messages()
             control = self._topics.control_kind(msg.topic)
+            task = None
             if control is None:
-                self._accept(msg, stop)
+                task = self._accept(msg, stop)
             else:
                 self._control(msg, *control)
-            bus.ack(msg)  # accepted (or answered): the request is ours now
+            if task is not None and self._grouped:
+                self._unacked[task] = msg  # acked in _done, once its final reply is out
+            else:
+                bus.ack(msg)  # accepted (or answered): the request is ours now
 
-    def _accept(self, msg: InboundMessage, stop: asyncio.Event) -> None:
-        """Parse, dedupe and admit one request; never raises. Every outcome ends in one reply task."""
+    def _accept(self, msg: InboundMessage, stop: asyncio.Event) -> asyncio.Task[None] | None:
+        """Parse, dedupe and admit one request; never raises. Every outcome ends in one reply task.
+
+        Returns the task serving an admitted request (whose ack waits for its final reply).
+        """
         try:
             request = protocol.parse(msg, self._projects, self._topics, self._cfg.worker.max_payload_bytes)
         except Rejected as rejected:
             self._count(rejected.route.project if rejected.route else "?", "rejected")
             if rejected.route is None:
                 log.warning("request.unroutable", topic=msg.topic[:128], reason=rejected.error.message)
-                return
+                return None
             self._spawn(self._fail(rejected.route, rejected.error))
-            return
+            return None
         self._warn_unknown(request)
         seen, final = self._admission.seen(request)
         if seen is not Seen.NEW:
@@ -274,19 +300,20 @@ class Service:
             log.info("request.duplicate", request_id=request.request_id, state=seen.value)
             if final is not None:
                 self._spawn(self._resend(final))
-            return
+            return None
         try:
             self._admission.admit(request)
         except WorkerError as err:
             self._count(request.route.project, "rejected")
             self._spawn(self._fail(request.route, err))
-            return
+            return None
         self._count(request.route.project, "requests")
         task = self._spawn(self._serve(request, stop))
         self._serving[task] = request
         self._by_id[(request.route.project, request.request_id)] = task
+        return task
 
-    def _control(self, msg: InboundMessage, kind: str, project: str) -> None:
+    def _control(self, msg: InboundMessage, kind: str, project: str) -> None:  # always acked at once
         """Cancel or session reset; malformed ones are logged (there is no route to answer on)."""
         if project not in self._projects:
             return
@@ -326,6 +353,9 @@ class Service:
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._cancel_reasons.pop(task, None)
+        msg = self._unacked.pop(task, None)
+        if msg is not None and self._bus is not None and task in self._finals:
+            self._bus.ack(msg)  # its final reply is out (a drained-away request stays unacked: redelivered)
         request = self._serving.pop(task, None)
         if request is not None:
             self._by_id.pop((request.route.project, request.request_id), None)
@@ -380,6 +410,8 @@ class Service:
             reason = self._cancel_reasons.get(task, ShuttingDownError())
             if isinstance(reason, CancelledError) and request.route.dialect is Dialect.CLASSIC:
                 self._count(request.route.project, "cancelled")  # classic: nothing further (PROTOCOL 4)
+            elif isinstance(reason, ShuttingDownError) and self._grouped:
+                self._count(request.route.project, "left_for_redelivery")  # unacked: back after a restart
             else:
                 await self._fail_stream(task, stream, reason)
             if not isinstance(reason, CancelledError):
