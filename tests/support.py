@@ -154,7 +154,7 @@ class Mosquitto:
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"
-            "set_tcp_nodelay true\nmax_queued_messages 0\n" + extra
+            "set_tcp_nodelay true\nmax_queued_messages 0\n" + extra.replace("{dir}", str(self.dir))
         )
         self.conf.chmod(0o644)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -179,11 +179,17 @@ class Mosquitto:
             else:
                 return self
 
-    def stop(self) -> None:
+    def stop(self, keep: bool = False) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(5)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def restart(self) -> None:
+        """Stop and start again on the same port and config (a broker restart)."""
+        self.stop(keep=True)
+        self.start()
 
     @property
     def url(self) -> str:

@@ -150,11 +150,13 @@ class Bus:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         if self._cfg.username:
-            password = self._cfg.password.get_secret_value() if self._cfg.password else None
-            client.username_pw_set(self._cfg.username, password)
+            client.username_pw_set(self._cfg.username, self._cfg.secret())
         _, _, tls = self._cfg.endpoint()
         if tls:
-            client.tls_set_context(ssl.create_default_context(cafile=self._cfg.ca_file))
+            context = ssl.create_default_context(cafile=self._cfg.ca_file)
+            if self._cfg.cert_file:
+                context.load_cert_chain(self._cfg.cert_file, self._cfg.key_file)
+            client.tls_set_context(context)
         if self._will is not None:
             client.will_set(self._will.topic, self._will.payload, qos=1, retain=self._will.retain)
         return client

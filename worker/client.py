@@ -59,9 +59,12 @@ class Chunk:
 class Client:
     """One MQTT connection; any number of concurrent requests."""
 
-    def __init__(self, broker: BrokerConfig, client_id: str | None = None, topic_prefix: str = "") -> None:
+    def __init__(
+        self, broker: BrokerConfig, client_id: str | None = None, topic_prefix: str = "", *, persistent: bool = False
+    ) -> None:
+        """`persistent` (with a fixed `client_id`, MQTT 5): replies published while this client is away wait."""
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
-        self._bus = Bus(broker, self.client_id)
+        self._bus = Bus(broker, self.client_id, persistent=persistent)
         self._topics = Topics(topic_prefix)
         self._subscribed: set[str] = set()
         self._inboxes: dict[str, asyncio.Queue[dict[str, Any]]] = {}
@@ -162,7 +165,7 @@ class Client:
         *,
         session: str = "default",
         timeout_s: float = 120.0,
-        retries: int = 0,
+        retries: int = 2,
         request_id: str | None = None,
         **fields: Any,  # noqa: ANN401 - protocol fields (temperature, maxTokens, ...)
     ) -> Reply:

@@ -35,7 +35,12 @@ class BrokerConfig(_Section):
     embedded_port: int = 1883
     username: str | None = None
     password: SecretStr | None = None
+    password_file: str | None = None
+    """Read the password from this file (a container secret) when `password` is not set."""
     ca_file: str | None = None
+    cert_file: str | None = None
+    """Client certificate for mqtts:// brokers that require one (with `key_file`)."""
+    key_file: str | None = None
     client_id: str | None = None
     keepalive_s: int = 30
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
@@ -54,6 +59,17 @@ class BrokerConfig(_Section):
         if parts.scheme not in {"mqtt", "mqtts"} or not parts.hostname:
             raise ValueError(f"broker url must look like mqtt://host:port or mqtts://host:port, got {url!r}")
         return url
+
+    def secret(self) -> str | None:
+        """The password: `password`, else the content of `password_file` (stripped), else None."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file:
+            try:
+                return Path(self.password_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read broker.password_file {self.password_file}: {exc.strerror}") from exc
+        return None
 
     def endpoint(self) -> tuple[str, int, bool]:
         """(host, port, tls) of the broker to connect to."""

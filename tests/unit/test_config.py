@@ -140,3 +140,13 @@ def test_broker_url_endpoint():
         False,
     )
     assert load(None, {}, {}).broker.endpoint() == ("127.0.0.1", 1883, False)
+
+
+def test_password_file_is_read_and_the_inline_password_wins(tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    assert load(None, {"VLLM_WORKER_BROKER__PASSWORD_FILE": str(secret)}, {}).broker.secret() == "from-file"
+    both = {"VLLM_WORKER_BROKER__PASSWORD_FILE": str(secret), "VLLM_WORKER_BROKER__PASSWORD": "inline"}
+    assert load(None, both, {}).broker.secret() == "inline"
+    with pytest.raises(ConfigError, match="password_file"):
+        load(None, {"VLLM_WORKER_BROKER__PASSWORD_FILE": str(tmp_path / "missing")}, {}).broker.secret()
