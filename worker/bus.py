@@ -324,7 +324,8 @@ class Bus:
         assert self._loop is not None  # noqa: S101
         fut = self._loop.create_future()
         self._pending[info.mid] = fut
-        if info.is_published():  # PUBACK raced ahead of the registration
+        # NO_CONN: paho queued it and sends it after the reconnect (is_published() would raise then)
+        if info.rc == mqtt.MQTT_ERR_SUCCESS and info.is_published():  # PUBACK raced ahead of the registration
             self._published(info.mid)
         await fut
 

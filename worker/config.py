@@ -50,6 +50,16 @@ class BrokerConfig(_Section):
     max_queued_replies: int = Field(10_000, gt=0)
     """Replies buffered while the broker is unreachable; beyond this they are dropped and logged."""
 
+    @field_validator("embedded_host")
+    @classmethod
+    def _loopback_only(cls, host: str) -> str:
+        if not (host in {"localhost", "::1"} or host.startswith("127.")):
+            raise ValueError(
+                "the embedded broker has no authentication, so it binds loopback only; "
+                "run Mosquitto (deploy/) to serve other machines"
+            )
+        return host
+
     @field_validator("url")
     @classmethod
     def _check_url(cls, url: str | None) -> str | None:

@@ -289,6 +289,7 @@ class Service:
         except Rejected as rejected:
             self._count(rejected.route.project if rejected.route else "?", "rejected")
             if rejected.route is None:
+                self._count("?", "unroutable")
                 log.warning("request.unroutable", topic=msg.topic[:128], reason=rejected.error.message)
                 return None
             self._spawn(self._fail(rejected.route, rejected.error))
@@ -417,6 +418,7 @@ class Service:
             if not isinstance(reason, CancelledError):
                 raise
         except Exception:
+            self._count(request.route.project, "internal_errors")  # a bug of ours: the battery asserts 0
             log.exception("request.failed", request_id=request.request_id)
             await self._fail_stream(task, stream, EngineError())
 
