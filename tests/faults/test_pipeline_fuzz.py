@@ -112,8 +112,8 @@ class Harness:
 
         async def settle() -> int:
             async with asyncio.timeout(timeout_s):
-                while self.final_replies() + self.counted() - before < len(batch):
-                    await asyncio.sleep(0.01)  # noqa: ASYNC110 - counters are plain ints
+                while self.final_replies() + self.counted() - before < len(batch):  # noqa: ASYNC110 - polls plain int counters
+                    await asyncio.sleep(0.01)
             return self.final_replies() + self.counted() - before
 
         accounted = asyncio.run_coroutine_threadsafe(settle(), self.loop).result(timeout_s + 5)
