@@ -81,6 +81,7 @@ class Service:
         self._finals: dict[asyncio.Task[None], FinalReply] = {}
         self._cancel_reasons: dict[asyncio.Task[None], WorkerError] = {}
         self._unacked: dict[asyncio.Task[None], InboundMessage] = {}
+        self._settled: set[asyncio.Task[None]] = set()
         self._grouped = False
         self._warned_fields: set[str] = set()
         self._started = time.monotonic()
@@ -355,7 +356,9 @@ class Service:
         self._tasks.discard(task)
         self._cancel_reasons.pop(task, None)
         msg = self._unacked.pop(task, None)
-        if msg is not None and self._bus is not None and task in self._finals:
+        settled = task in self._finals or task in self._settled
+        self._settled.discard(task)
+        if msg is not None and self._bus is not None and settled:
             self._bus.ack(msg)  # its final reply is out (a drained-away request stays unacked: redelivered)
         request = self._serving.pop(task, None)
         if request is not None:
@@ -411,6 +414,7 @@ class Service:
             reason = self._cancel_reasons.get(task, ShuttingDownError())
             if isinstance(reason, CancelledError) and request.route.dialect is Dialect.CLASSIC:
                 self._count(request.route.project, "cancelled")  # classic: nothing further (PROTOCOL 4)
+                self._settled.add(task)  # ... but it is finished: ack it, never redeliver it
             elif isinstance(reason, ShuttingDownError) and self._grouped:
                 self._count(request.route.project, "left_for_redelivery")  # unacked: back after a restart
             else:
