@@ -129,6 +129,7 @@ def harness() -> Iterator[Harness]:
     assert h.stop is not None
     h.loop.call_soon_threadsafe(h.stop.set)
     h.thread.join(30)
+    h.loop.close()
 
 
 @settings(
