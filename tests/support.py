@@ -141,6 +141,22 @@ class WorkerProcess:
         return "".join(self.lines)
 
 
+def wait_port(port: int, proc: subprocess.Popen[Any] | None = None, timeout_s: float = 10.0) -> None:
+    """Until something accepts on 127.0.0.1:port; fails at once if `proc` (the server) has exited."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}") from None
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+        else:
+            return
+
+
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 
 
@@ -168,16 +184,8 @@ class Mosquitto:
         self.proc = subprocess.Popen(
             [MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-            else:
-                return self
+        wait_port(self.port, self.proc)
+        return self
 
     def stop(self, keep: bool = False) -> None:
         if self.proc is not None and self.proc.poll() is None:

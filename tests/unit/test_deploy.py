@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
-import time
 
 import pytest
 import yaml
-from support import ROOT, free_port
+from support import ROOT, free_port, wait_port
 
 from worker.config import WorkerConfig
 
@@ -75,15 +73,7 @@ def test_the_shipped_mosquitto_config_starts(tmp_path):
     path.chmod(0o644)
     proc = subprocess.Popen([binary, "-c", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        wait_port(port, proc)  # raises if Mosquitto rejected the shipped config and exited
     finally:
         proc.terminate()
         proc.wait(5)
