@@ -298,10 +298,12 @@ class Service:
         self._warn_unknown(request)
         seen, final = self._admission.seen(request)
         if seen is not Seen.NEW:
-            self._count(request.route.project, "duplicates")
             log.info("request.duplicate", request_id=request.request_id, state=seen.value)
-            if final is not None:
+            if final is not None:  # answered again with the cached final reply
+                self._count(request.route.project, "duplicates_resent")
                 self._spawn(self._resend(final))
+            else:  # still running: its one final reply is on the way
+                self._count(request.route.project, "duplicates")
             return None
         try:
             self._admission.admit(request)
