@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from worker.errors import ErrorCode
 from worker.message import InboundMessage
-from worker.protocol import Dialect, Rejected, Request, Topics, parse, strip_reasoning
+from worker.protocol import KNOWN_FIELDS, Dialect, Rejected, Request, Topics, parse, strip_reasoning
 
 TOPICS = Topics()
 MAX = 256 * 1024
@@ -261,28 +261,7 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=10,
 )
-field_names = st.sampled_from(
-    [
-        "message",
-        "messages",
-        "sessionId",
-        "clientId",
-        "requestId",
-        "temperature",
-        "topP",
-        "topK",
-        "maxTokens",
-        "stop",
-        "seed",
-        "stream",
-        "replyTopic",
-        "deadlineMs",
-        "v",
-        "priority",
-        "systemPrompt",
-        "other",
-    ]
-)
+field_names = st.sampled_from(sorted(KNOWN_FIELDS | {"other"}))  # every wire field, plus an unknown one
 
 
 @settings(max_examples=1000, deadline=None)
