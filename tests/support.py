@@ -231,3 +231,63 @@ def worker_subprocess(
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+class DeployedMosquitto:
+    """Mosquitto running the shipped deploy/ files (both listeners, password files, ACLs) on free loopback
+    ports: what an operator runs, with only addresses and paths rewritten."""
+
+    def __init__(self, apps: dict[str, str], workers: dict[str, str]) -> None:
+        self.app_port, self.worker_port = free_port(), free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="mosq-deploy-"))
+        self.dir.chmod(0o777)  # Mosquitto started as root drops to user "mosquitto"
+        conf = (ROOT / "deploy" / "mosquitto.conf").read_text()
+        conf = conf.replace("listener 1883 0.0.0.0", f"listener {self.app_port} 127.0.0.1")
+        conf = conf.replace("listener 1884 0.0.0.0", f"listener {self.worker_port} 127.0.0.1")
+        conf = conf.replace("/mosquitto/config/", f"{self.dir}/").replace("/mosquitto/data/", f"{self.dir}/")
+        conf = conf.replace("log_dest stdout", "log_dest stderr")
+        self._write("mosquitto.conf", conf)
+        self._write("acl-workers", (ROOT / "deploy" / "acl-workers").read_text())
+        acl = (ROOT / "deploy" / "acl").read_text()
+        app_block = acl[acl.index("user app\n") :].split("\n\n", 1)[0]
+        for user in apps:  # one block per device account, copied from `user app` as the ACL's header says
+            if f"user {user}\n" not in acl:
+                acl += "\n" + app_block.replace("user app\n", f"user {user}\n", 1) + "\n"
+        self._write("acl", acl)
+        for name, users in (("passwd", apps), ("passwd-workers", workers)):
+            for i, (user, pw) in enumerate(users.items()):
+                flags = ["-c"] if i == 0 else []
+                subprocess.run(["mosquitto_passwd", *flags, "-b", str(self.dir / name), user, pw], check=True)
+            (self.dir / name).chmod(0o644)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _write(self, name: str, text: str) -> None:
+        (self.dir / name).write_text(text)
+        (self.dir / name).chmod(0o644)
+
+    def start(self) -> DeployedMosquitto:
+        if MOSQUITTO is None or shutil.which("mosquitto_passwd") is None:
+            msg = "mosquitto is not installed (apt-get install mosquitto; `make test` does it as root)"
+            if os.environ.get("CI"):
+                pytest.fail(msg)
+            pytest.skip(msg)
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.dir / "mosquitto.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_port(self.app_port, self.proc)
+        wait_port(self.worker_port, self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def app_url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.app_port}"
+
+    @property
+    def worker_url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.worker_port}"

@@ -236,6 +236,7 @@ class Bus:
             response_topic=getattr(props, "ResponseTopic", None),
             correlation_data=getattr(props, "CorrelationData", None),
             expiry_s=getattr(props, "MessageExpiryInterval", None),
+            retain=bool(msg.retain),
         )
         assert self._loop is not None  # noqa: S101
         self._loop.call_soon_threadsafe(self._enqueue, inbound)

@@ -17,3 +17,5 @@ class InboundMessage:
     response_topic: str | None = None
     correlation_data: bytes | None = None
     expiry_s: int | None = None
+    retain: bool = False
+    """Set when the broker replays a stored (retained) message on subscribe, not for live ones."""

@@ -36,12 +36,17 @@ class SamplingLimits(BaseModel):
 
 
 class RateLimit(BaseModel):
-    """Token bucket per (project, client): `requests_per_s` refill, `burst` capacity; None = unlimited."""
+    """Token buckets per (project, client) and per project; a None rate is unlimited.
+
+    The project bucket (all clients together) keeps minted client ids from multiplying the budget.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     requests_per_s: float | None = Field(None, gt=0)
     burst: int = Field(10, gt=0)
+    project_requests_per_s: float | None = Field(None, gt=0)
+    project_burst: int = Field(100, gt=0)
 
 
 class Project(BaseModel):

@@ -7,6 +7,7 @@ are spliced into any topic name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import jsonschema
+import structlog
 
 from worker.engine.base import ChatMessage, Sampling
 from worker.errors import (
@@ -26,13 +27,21 @@ from worker.errors import (
     WorkerError,
 )
 from worker.message import InboundMessage
+from worker.payload import decode
 from worker.projects import Project
+from worker.schemas import check_schema
+
+log = structlog.get_logger(__name__)
 
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 DEFAULT_SESSION = "default"
 MAX_TOPIC_CHARS = 512
 ROUTING_PARSE_LIMIT_BYTES = 1024 * 1024
 """Payloads over max size are still parsed (to find a v2 reply route) up to this size."""
+MAX_CHAT_MESSAGES = 256
+"""Entries of a stateless `messages` list."""
+MAX_STOP_CHARS = 256
+"""Length of one stop sequence."""
 KNOWN_FIELDS = frozenset(
     {
         "message",
@@ -135,6 +144,15 @@ class Route:
     request_id: str | None = None
     correlation_data: bytes | None = None
 
+    @property
+    def owner(self) -> str:
+        """Whose namespace the request's session and requestId live in: its v2 clientId, else "" (classic).
+
+        A v2 clientId names the reply topic that, in the shipped deploy, only that account may read;
+        classic clients have no identity and share one namespace per project (README, Security).
+        """
+        return self.client_id or "" if self.dialect is Dialect.V2 else ""
+
 
 @dataclass(frozen=True, slots=True)
 class Request:
@@ -155,9 +173,14 @@ class Request:
     unknown_fields: tuple[str, ...] = ()
 
     @property
-    def session_key(self) -> tuple[str, str]:
-        """(project, sessionId): the history key."""
-        return self.route.project, self.route.session_id
+    def session_key(self) -> tuple[str, str, str]:
+        """(project, owner, sessionId): the history key; see `Route.owner`."""
+        return self.route.project, self.route.owner, self.route.session_id
+
+    @property
+    def dedupe_key(self) -> tuple[str, str, str]:
+        """(project, owner, requestId): one client cannot claim, resend or cancel another's requestId."""
+        return self.route.project, self.route.owner, self.request_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,10 +195,12 @@ class FinalReply:
 class Rejected(Exception):  # noqa: N818 - it is an outcome, not an error of ours
     """A request refused at parse time; `route` is None when no safe reply topic exists."""
 
-    def __init__(self, error: WorkerError, route: Route | None) -> None:
+    def __init__(self, error: WorkerError, route: Route | None, *, internal: bool = False) -> None:
         super().__init__(error.message)
         self.error = error
         self.route = route
+        self.internal = internal
+        """True when a bug of ours, not the payload's own fault, refused it (counted apart)."""
 
 
 def is_valid_id(value: object) -> bool:
@@ -191,6 +216,11 @@ def is_safe_topic(topic: object) -> bool:
         and not topic.startswith("$")
         and not any(c in topic for c in "+#\x00")
     )
+
+
+def is_reply_topic(topic: object, prefix: str) -> bool:
+    """A safe topic strictly under `prefix` (a project's reply namespace: what the worker's ACL grants)."""
+    return is_safe_topic(topic) and str(topic).startswith(prefix) and len(str(topic)) > len(prefix)
 
 
 def strip_reasoning(text: str) -> str:
@@ -237,72 +267,75 @@ class _Parser:
         size = len(self.msg.payload)
         if size > ROUTING_PARSE_LIMIT_BYTES:
             raise self.fail(TooLargeError(f"payload is {size} bytes, limit {self.max_bytes}"))
-        body = self._decode()
-        self._route_from(body, project_name, topic_session)
+        decoded = decode(self.msg.payload)
+        if decoded is None:
+            raise self.fail(BadRequestError("payload is not valid UTF-8"))
+        # classic clients send the message as plain text (also text that merely starts with "{")
+        body = decoded.body if decoded.body is not None else {"message": decoded.text}
+        version_error = self._route_from(body, project_name, topic_session)
         if size > self.max_bytes:
             raise self.fail(TooLargeError(f"payload is {size} bytes, limit {self.max_bytes}"))
+        if version_error is not None:
+            raise self.fail(version_error)
+        if decoded.violation is not None:
+            raise self.fail(BadRequestError(decoded.violation))
         return self._request(body, project)
 
-    def _decode(self) -> dict[str, Any]:
-        try:
-            text = self.msg.payload.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise self.fail(BadRequestError("payload is not valid UTF-8")) from exc
-        stripped = text.strip()
-        if stripped.startswith("{"):
-            try:
-                value = json.loads(stripped)
-            except (json.JSONDecodeError, RecursionError) as exc:
-                raise self.fail(BadRequestError("payload starts with '{' but is not valid JSON")) from exc
-            if isinstance(value, dict):
-                return value
-        return {"message": text}  # classic clients send the message as plain text
+    def _route_from(self, body: dict[str, Any], project: str, topic_session: str | None) -> BadRequestError | None:
+        """Work out the reply route from the body, validating every id spliced into a topic first.
 
-    def _route_from(self, body: dict[str, Any], project: str, topic_session: str | None) -> None:
-        """Work out the reply route from the body; validates every id used in a topic."""
-        assert self.route is not None  # noqa: S101 - set in run() for every served project
-        version = body.get("v")
-        if version not in (None, 1, 2) or isinstance(version, bool):
-            raise self.fail(BadRequestError("v must be 1 or 2"))
-        v5_topic = self.msg.response_topic
-        dialect = Dialect.V2 if version == 2 or v5_topic is not None else Dialect.CLASSIC  # noqa: PLR2004
+        Returns the error of an unusable `v` (raised by the caller once the route is known, so it is
+        answered to the sender's own session or client, not to the default session).
+        """
         session = body.get("sessionId", topic_session or DEFAULT_SESSION)
         if not is_valid_id(session):
             self.route = None  # never splice an invalid id into a topic
             raise self.fail(BadRequestError("sessionId must be 1-128 chars of [A-Za-z0-9_.:-]"))
         if topic_session is not None and session != topic_session:
             raise self.fail(BadRequestError("sessionId in the payload differs from the one in the topic"))
-        self.route = Route(project, Dialect.CLASSIC, self.topics.classic_reply(project, session), session)
+        version = body.get("v")
+        version_ok = version is None or (type(version) is int and version in (1, 2))
+        v5_topic = self.msg.response_topic
+        # a `v` we cannot use still says "versioned client": its error goes out as v2
+        v2 = version == 2 or v5_topic is not None or not version_ok  # noqa: PLR2004
         client_id = body.get("clientId")
+        client_ok = client_id is None or is_valid_id(client_id)
+        dialect = Dialect.V2 if v2 else Dialect.CLASSIC
+        who = client_id if client_ok and client_id is not None else session
+        topic = self.topics.v2_reply(project, who) if v2 else self.topics.classic_reply(project, session)
         request_id = body.get("requestId")
-        if dialect is Dialect.V2:
-            if client_id is not None and not is_valid_id(client_id):
-                raise self.fail(BadRequestError("clientId must be 1-128 chars of [A-Za-z0-9_.:-]"))
-            topic = self.topics.v2_reply(project, client_id or session)
-            self.route = Route(project, Dialect.V2, topic, session, client_id, None, self.msg.correlation_data)
-        if request_id is not None and not is_valid_id(request_id):
-            raise self.fail(BadRequestError("requestId must be 1-128 chars of [A-Za-z0-9_.:-]"))
-        if client_id is not None and not is_valid_id(client_id):
-            raise self.fail(BadRequestError("clientId must be 1-128 chars of [A-Za-z0-9_.:-]"))
+        request_ok = request_id is None or is_valid_id(request_id)
         self.route = Route(
-            project, dialect, self.route.topic, session, client_id, request_id, self.msg.correlation_data
+            project,
+            dialect,
+            topic,
+            session,
+            client_id if client_ok else None,
+            request_id if request_ok else None,
+            self.msg.correlation_data,
         )
-        self._custom_topic(body, project, dialect, v5_topic)
+        if not client_ok:
+            raise self.fail(BadRequestError("clientId must be 1-128 chars of [A-Za-z0-9_.:-]"))
+        if not request_ok:
+            raise self.fail(BadRequestError("requestId must be 1-128 chars of [A-Za-z0-9_.:-]"))
+        self._custom_topic(body.get("replyTopic"), project, v5_topic)
+        return None if version_ok else BadRequestError("v must be 1 or 2")
 
-    def _custom_topic(self, body: dict[str, Any], project: str, dialect: Dialect, v5_topic: str | None) -> None:
+    def _custom_topic(self, reply_topic: object, project: str, v5_topic: str | None) -> None:
+        """A client-chosen reply topic: only under the request's own reply prefix (the worker's ACL)."""
         assert self.route is not None  # noqa: S101 - set by _route_from
         if v5_topic is not None:
-            if not is_safe_topic(v5_topic):
-                raise self.fail(BadRequestError("Response Topic must be a plain topic without wildcards"))
-            self.route = _with_topic(self.route, v5_topic)
-        reply_topic = body.get("replyTopic")
+            prefix = self.topics.reply_prefix(project, Dialect.V2)
+            if not is_reply_topic(v5_topic, prefix):
+                raise self.fail(BadRequestError(f"Response Topic must be a plain topic under {prefix}"))
+            self.route = dataclasses.replace(self.route, topic=v5_topic)
         if reply_topic is None:
             return
-        prefix = self.topics.reply_prefix(project, dialect)
-        if not is_safe_topic(reply_topic) or not str(reply_topic).startswith(prefix) or reply_topic == prefix:
+        prefix = self.topics.reply_prefix(project, self.route.dialect)
+        if not is_reply_topic(reply_topic, prefix):
             raise self.fail(BadRequestError(f"replyTopic must be a plain topic under {prefix} without + or #"))
         if v5_topic is None:
-            self.route = _with_topic(self.route, str(reply_topic))
+            self.route = dataclasses.replace(self.route, topic=str(reply_topic))
 
     def _request(self, body: dict[str, Any], project: Project) -> Request:
         assert self.route is not None  # noqa: S101 - set by _route_from
@@ -351,6 +384,8 @@ class _Parser:
     def _messages(self, raw: object, limit: int) -> tuple[ChatMessage, ...]:
         if not isinstance(raw, list) or not raw:
             raise self.fail(BadRequestError("messages must be a non-empty list of {role, content}"))
+        if len(raw) > MAX_CHAT_MESSAGES:
+            raise self.fail(TooLargeError(f"messages has {len(raw)} entries, limit {MAX_CHAT_MESSAGES}"))
         out: list[ChatMessage] = []
         total = 0
         for item in raw:
@@ -381,10 +416,15 @@ class _Parser:
             stop = [stop]
         if stop is not None and (
             not isinstance(stop, list)
-            or not all(isinstance(s, str) and s for s in stop)
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
             or len(stop) > lim.max_stop_sequences
         ):
-            raise self.fail(BadRequestError(f"stop must be a string or a list of at most {lim.max_stop_sequences}"))
+            raise self.fail(
+                BadRequestError(
+                    f"stop must be a string or a list of at most {lim.max_stop_sequences}, "
+                    f"each 1-{MAX_STOP_CHARS} characters"
+                )
+            )
         return Sampling(
             json_schema=self._json_schema(body.get("jsonSchema")),
             # `is None`, never `or`: temperature 0 (greedy) must stay 0 (the old script's bug).
@@ -399,25 +439,10 @@ class _Parser:
     def _json_schema(self, schema: object) -> str | None:
         if schema is None:
             return None
-        if not isinstance(schema, dict):
-            raise self.fail(BadRequestError("jsonSchema must be a JSON Schema object"))
-        try:
-            jsonschema.validators.validator_for(schema).check_schema(schema)
-        except jsonschema.SchemaError as exc:
-            raise self.fail(BadRequestError(f"jsonSchema is not a valid JSON Schema: {exc.message[:200]}")) from exc
-        return json.dumps(schema, sort_keys=True)
-
-
-def _with_topic(route: Route, topic: str) -> Route:
-    return Route(
-        route.project,
-        route.dialect,
-        topic,
-        route.session_id,
-        route.client_id,
-        route.request_id,
-        route.correlation_data,
-    )
+        canonical, problem = check_schema(schema)
+        if problem is not None:
+            raise self.fail(BadRequestError(problem))
+        return canonical
 
 
 def _opt_str(body: dict[str, Any], key: str, p: _Parser) -> str | None:
@@ -448,8 +473,19 @@ def _opt_float(body: dict[str, Any], key: str, p: _Parser, minimum: float) -> fl
 
 
 def parse(msg: InboundMessage, projects: dict[str, Project], topics: Topics, max_payload_bytes: int) -> Request:
-    """Validate one inbound message into a `Request`; raises `Rejected` (never anything else)."""
-    return _Parser(msg, projects, topics, max_payload_bytes).run()
+    """Validate one inbound message into a `Request`; raises `Rejected` (never anything else).
+
+    A bug of ours on some input costs that one request (answered `bad_request` where a route is
+    known, logged with its traceback), never the intake.
+    """
+    parser = _Parser(msg, projects, topics, max_payload_bytes)
+    try:
+        return parser.run()
+    except Rejected:
+        raise
+    except Exception as exc:
+        log.exception("request.parse_failed", topic=msg.topic[:128], size=len(msg.payload))
+        raise Rejected(BadRequestError("the payload could not be parsed"), parser.route, internal=True) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,28 +496,51 @@ class Cancel:
     request_id: str
     client_id: str | None
 
+    @property
+    def dedupe_key(self) -> tuple[str, str, str]:
+        """The in-flight request it names (see `Request.dedupe_key`)."""
+        return self.project, self.client_id or "", self.request_id
+
 
 @dataclass(frozen=True, slots=True)
 class Reset:
-    """`{project}/session/reset`: forget a session; `confirm` is the v2 route to confirm on, if any."""
+    """`{project}/session/reset`: forget a session; `confirm` is the v2 route to confirm on, if any.
+
+    With a `client_id` it resets that v2 client's session of this name, else the classic one.
+    """
 
     project: str
     session_id: str
+    client_id: str | None
     confirm: Route | None
+
+    @property
+    def session_key(self) -> tuple[str, str, str]:
+        """The history key it resets (see `Request.session_key`)."""
+        return self.project, self.client_id or "", self.session_id
 
 
 def _control_body(msg: InboundMessage) -> dict[str, Any]:
-    try:
-        body = json.loads(msg.payload)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise BadRequestError("control payload must be a JSON object") from exc
-    if not isinstance(body, dict):
+    decoded = decode(msg.payload)
+    if decoded is None or decoded.body is None:
         raise BadRequestError("control payload must be a JSON object")
-    return body
+    if decoded.violation is not None:
+        raise BadRequestError(decoded.violation)
+    return decoded.body
 
 
 def parse_control(msg: InboundMessage, kind: str, project: str, topics: Topics) -> Cancel | Reset:
-    """Validate a cancel or session-reset message; raises `BadRequestError` (answered nowhere: no route)."""
+    """Validate a cancel or session-reset message; raises `BadRequestError` only (answered nowhere: no route)."""
+    try:
+        return _control(msg, kind, project, topics)
+    except BadRequestError:
+        raise
+    except Exception as exc:
+        log.exception("control.parse_failed", topic=msg.topic[:128], size=len(msg.payload))
+        raise BadRequestError("the control payload could not be parsed") from exc
+
+
+def _control(msg: InboundMessage, kind: str, project: str, topics: Topics) -> Cancel | Reset:
     body = _control_body(msg)
     client_id = body.get("clientId")
     if client_id is not None and not is_valid_id(client_id):
@@ -496,10 +555,14 @@ def parse_control(msg: InboundMessage, kind: str, project: str, topics: Topics) 
         raise BadRequestError("session reset needs a valid sessionId")
     confirm = None
     if body.get("v") == 2 or msg.response_topic is not None:  # noqa: PLR2004
-        topic = msg.response_topic if is_safe_topic(msg.response_topic) else None
-        topic = topic or topics.v2_reply(project, client_id or str(session))
+        topic = topics.v2_reply(project, client_id or str(session))
+        if msg.response_topic is not None:
+            prefix = topics.reply_prefix(project, Dialect.V2)
+            if not is_reply_topic(msg.response_topic, prefix):
+                raise BadRequestError(f"Response Topic must be a plain topic under {prefix}")
+            topic = msg.response_topic
         confirm = Route(project, Dialect.V2, topic, str(session), client_id, None, msg.correlation_data)
-    return Reset(project, str(session), confirm)
+    return Reset(project, str(session), client_id, confirm)
 
 
 def classic_answer(text: str) -> bytes:

@@ -33,6 +33,7 @@ from worker.errors import (
     ShuttingDownError,
     WorkerError,
 )
+from worker.loops import Loops
 from worker.message import InboundMessage
 from worker.projects import Project
 from worker.protocol import Cancel, Dialect, FinalReply, Rejected, Request, Route, Topics
@@ -77,7 +78,7 @@ class Service:
         self._admission = Admission(cfg.worker, projects)
         self._tasks: set[asyncio.Task[None]] = set()
         self._serving: dict[asyncio.Task[None], Request] = {}
-        self._by_id: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._by_id: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self._finals: dict[asyncio.Task[None], FinalReply] = {}
         self._cancel_reasons: dict[asyncio.Task[None], WorkerError] = {}
         self._unacked: dict[asyncio.Task[None], InboundMessage] = {}
@@ -92,6 +93,8 @@ class Service:
         self._bus: Bus | None = None
         self._sessions: SessionStore | None = None
         self._replier: Replier | None = None
+        self._stop: asyncio.Event | None = None
+        self._loops = Loops(self._loop_died)
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> int:
@@ -123,7 +126,7 @@ class Service:
             await self._publish_status("starting")
             stack.push_async_callback(self._publish_status, "offline")
             self._say(f"engine starting: {self._cfg.model.path}")
-            ticker = asyncio.create_task(self._tick_while_starting())
+            ticker = asyncio.create_task(self._tick_while_starting())  # supervised: cancelled just below
             try:
                 engine = await stack.enter_async_context(self._engine)
             finally:
@@ -134,16 +137,23 @@ class Service:
             await self._publish_status("ready")
             self.ready.set()
             self._say(f"ready: projects {', '.join(self._projects)} on {self._broker_label(broker_cfg.endpoint())}")
-            intake = asyncio.create_task(self._intake(bus, stop))
-            telemetry = asyncio.create_task(self._telemetry_loop())
-            health = asyncio.create_task(self._health_loop(stop))
+            self._stop = stop
+            self._loops.start("intake", self._intake(bus, stop))
+            self._loops.start("telemetry", self._telemetry_loop())
+            self._loops.start("health", self._health_loop(stop))
             await stop.wait()
-            intake.cancel()
-            health.cancel()
+            await self._loops.stop("intake", "health")
             await self._drain(bus)
-            telemetry.cancel()
+            await self._loops.stop()
         await asyncio.to_thread(self._gpus.close)
         return self.exit_code
+
+    def _loop_died(self, name: str) -> None:
+        """A background loop ended on its own: never stay "ready but deaf"; drain, go offline, exit 1."""
+        self._say(f"internal error: the {name} loop stopped; exiting with status 1")
+        self.exit_code = 1
+        if self._stop is not None:
+            self._stop.set()
 
     def _broker_label(self, endpoint: tuple[str, int, bool]) -> str:
         host, port, tls = endpoint
@@ -269,16 +279,33 @@ class Service:
     async def _intake(self, bus: Bus, stop: asyncio.Event) -> None:
         while not stop.is_set():
             msg = await bus.messages()
-            control = self._topics.control_kind(msg.topic)
-            task = None
-            if control is None:
-                task = self._accept(msg, stop)
-            else:
-                self._control(msg, *control)
+            try:
+                task = self._take(msg, stop)
+            except Exception:  # a bug of ours on this message must cost this message only
+                self._count(self._project_of(msg.topic), "poison")
+                log.exception("request.poison", topic=msg.topic[:128], size=len(msg.payload))
+                task = None
             if task is not None and self._grouped:
                 self._unacked[task] = msg  # acked in _done, once its final reply is out
             else:
-                bus.ack(msg)  # accepted (or answered): the request is ours now
+                bus.ack(msg)  # accepted, answered or refused: never redelivered in a loop
+
+    def _take(self, msg: InboundMessage, stop: asyncio.Event) -> asyncio.Task[None] | None:
+        """One inbound message: a request or a control command; returns the task serving a request."""
+        if msg.retain:  # a stored message replayed on subscribe: it would be answered at every start
+            self._count(self._project_of(msg.topic), "retained_ignored")
+            log.warning("request.retained_ignored", topic=msg.topic[:128])
+            return None
+        control = self._topics.control_kind(msg.topic)
+        if control is not None:
+            self._control(msg, *control)
+            return None
+        return self._accept(msg, stop)
+
+    def _project_of(self, topic: str) -> str:
+        """The served project a topic belongs to, else "?" (counters are keyed by served projects only)."""
+        head = topic.removeprefix(self._topics.prefix).split("/", 1)[0]
+        return head if head in self._projects else "?"
 
     def _accept(self, msg: InboundMessage, stop: asyncio.Event) -> asyncio.Task[None] | None:
         """Parse, dedupe and admit one request; never raises. Every outcome ends in one reply task.
@@ -289,12 +316,24 @@ class Service:
             request = protocol.parse(msg, self._projects, self._topics, self._cfg.worker.max_payload_bytes)
         except Rejected as rejected:
             self._count(rejected.route.project if rejected.route else "?", "rejected")
+            if rejected.internal:
+                self._count(self._project_of(msg.topic), "internal_errors")
             if rejected.route is None:
                 self._count("?", "unroutable")
                 log.warning("request.unroutable", topic=msg.topic[:128], reason=rejected.error.message)
                 return None
             self._spawn(self._fail(rejected.route, rejected.error))
             return None
+        try:
+            return self._admit(request, stop)
+        except Exception:  # a bug of ours after parsing: answer this request, keep the intake
+            self._count(request.route.project, "internal_errors")
+            log.exception("request.admission_failed", request_id=request.request_id)
+            self._spawn(self._fail(request.route, EngineError()))
+            return None
+
+    def _admit(self, request: Request, stop: asyncio.Event) -> asyncio.Task[None] | None:
+        """Dedupe and admit a parsed request; returns its serving task, or None once it is answered."""
         self._warn_unknown(request)
         seen, final = self._admission.seen(request)
         if seen is not Seen.NEW:
@@ -314,7 +353,7 @@ class Service:
         self._count(request.route.project, "requests")
         task = self._spawn(self._serve(request, stop))
         self._serving[task] = request
-        self._by_id[(request.route.project, request.request_id)] = task
+        self._by_id[request.dedupe_key] = task
         return task
 
     def _control(self, msg: InboundMessage, kind: str, project: str) -> None:  # always acked at once
@@ -324,26 +363,24 @@ class Service:
         try:
             command = protocol.parse_control(msg, kind, project, self._topics)
         except WorkerError as err:
+            self._count(project, "control_rejected")
             log.info("control.rejected", project=project, kind=kind, reason=err.message)
             return
         if isinstance(command, Cancel):
             self._cancel(command)
             return
         assert self._sessions is not None  # noqa: S101 - set before intake starts
-        existed = self._sessions.reset((project, command.session_id))
+        existed = self._sessions.reset(command.session_key)
         log.info("session.reset", project=project, session_id=command.session_id, existed=existed)
         if command.confirm is not None:
             body = protocol.v2_message(command.confirm, 1, reset=True)
             self._spawn(self._publish_reply(command.confirm.topic, body, command.confirm.correlation_data, wait=True))
 
     def _cancel(self, command: Cancel) -> None:
-        task = self._by_id.get((command.project, command.request_id))
-        request = self._serving.get(task) if task is not None else None
-        if task is None or request is None:
+        """Only the request's own clientId reaches it: requestIds live in their client's namespace."""
+        task = self._by_id.get(command.dedupe_key)
+        if task is None or task not in self._serving:
             log.info("request.cancel_unknown", request_id=command.request_id)
-            return
-        if request.route.client_id is not None and command.client_id != request.route.client_id:
-            log.warning("request.cancel_refused", request_id=command.request_id, reason="clientId mismatch")
             return
         self._cancel_reasons[task] = CancelledError()
         task.cancel()
@@ -356,6 +393,9 @@ class Service:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:  # a reply that could not go out
+            self._count("?", "internal_errors")
+            log.error("reply.failed", exc_info=exc)
         self._cancel_reasons.pop(task, None)
         msg = self._unacked.pop(task, None)
         settled = task in self._finals or task in self._settled
@@ -364,7 +404,7 @@ class Service:
             self._bus.ack(msg)  # its final reply is out (a drained-away request stays unacked: redelivered)
         request = self._serving.pop(task, None)
         if request is not None:
-            self._by_id.pop((request.route.project, request.request_id), None)
+            self._by_id.pop(request.dedupe_key, None)
             self._admission.release(request, self._finals.pop(task, None))
 
     def _count(self, project: str, what: str) -> None:
@@ -391,7 +431,7 @@ class Service:
             text=request.message,
         )
         try:
-            async with self._sessions.lock_for(request):
+            async with self._sessions.turn(request):
                 prompt = await self._sessions.build_prompt(request)
                 async with asyncio.timeout(_remaining_s(request)):
                     outcome = await self._generate(request, prompt, stream)
@@ -487,8 +527,24 @@ class Service:
         return Replier(self._publish_reply, model, self.worker_id, w.stream_interval_ms, w.stream_max_tokens)
 
     async def _publish_reply(self, topic: str, payload: bytes, correlation: bytes | None, *, wait: bool) -> None:
+        """Publish a reply, but only inside a served project's reply namespace (what the worker's ACL grants).
+
+        The parser already refuses other reply topics; this is the last line: a topic outside would get
+        the worker disconnected by Mosquitto, or let a client speak with the worker's rights.
+        """
         assert self._bus is not None  # noqa: S101
+        if not self._is_reply_topic(topic):
+            self._count("?", "blocked_replies")
+            log.error("reply.blocked", topic=topic[:128], reason="outside the reply namespace")
+            return
         await self._bus.publish(topic, payload, qos=1, correlation_data=correlation, wait=wait)
+
+    def _is_reply_topic(self, topic: str) -> bool:
+        return any(
+            protocol.is_reply_topic(topic, self._topics.reply_prefix(name, dialect))
+            for name in self._projects
+            for dialect in Dialect
+        )
 
 
 def _now_iso() -> str:

@@ -2,8 +2,13 @@
 
 History is trimmed by tokens (oldest turn pairs first) to `max_history_tokens` and, if needed, further
 so that prompt + maxTokens fits the model's context. Sessions are capped (LRU) and forgotten after
-`idle_ttl_s`. Requests of one session are serialised (`lock`) so each turn sees the previous answer;
+`idle_ttl_s`. Requests of one session are serialised (`turn`) so each turn sees the previous answer;
 different sessions run concurrently.
+
+Validate first, mutate after: building a prompt changes nothing; a session (and its system-prompt
+override) is stored only by `record`, once its turn has an answer. A refused request leaves no trace,
+so hostile traffic cannot poison a session or grow memory. Turn locks live apart from sessions and are
+dropped when nobody holds or waits for them.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from worker.config import SessionsConfig
@@ -20,7 +25,8 @@ from worker.engine.base import ChatMessage, Engine, Prompt
 from worker.errors import ContextTooLongError
 from worker.protocol import Request
 
-SessionKey = tuple[str, str]
+SessionKey = tuple[str, str, str]
+"""(project, owner, sessionId): see `Request.session_key`."""
 
 
 @dataclass(slots=True)
@@ -37,7 +43,12 @@ class Session:
     turns: list[_Turn] = field(default_factory=list)
     system_prompt: str | None = None
     last_used: float = 0.0
+
+
+@dataclass(slots=True)
+class _TurnLock:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 class SessionStore:
@@ -48,15 +59,21 @@ class SessionStore:
         self._engine = engine
         self._clock = clock
         self._sessions: OrderedDict[SessionKey, Session] = OrderedDict()
+        self._turns: dict[SessionKey, _TurnLock] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def count(self, project: str) -> int:
         """Sessions currently held for one project."""
-        return sum(1 for p, _ in self._sessions if p == project)
+        return sum(1 for key in self._sessions if key[0] == project)
 
-    def get(self, key: SessionKey) -> Session:
+    def peek(self, key: SessionKey) -> Session | None:
+        """The stored session, if any (idle ones are forgotten first); creates nothing."""
+        self._expire(self._clock())
+        return self._sessions.get(key)
+
+    def _get_or_create(self, key: SessionKey) -> Session:
         """The session for `key`, created if new; refreshes LRU order and evicts idle/oldest ones."""
         now = self._clock()
         self._expire(now)
@@ -65,19 +82,30 @@ class SessionStore:
             session = Session()
             self._sessions[key] = session
             while len(self._sessions) > self._cfg.max_sessions:
-                oldest_key, oldest = next(iter(self._sessions.items()))
-                if oldest.lock.locked():  # never evict a session mid-request; the cap is soft then
+                oldest_key = next(iter(self._sessions))
+                if oldest_key in self._turns:  # never evict a session mid-turn; the cap is soft then
                     break
                 del self._sessions[oldest_key]
         self._sessions.move_to_end(key)
         session.last_used = now
         return session
 
-    def lock_for(self, request: Request) -> asyncio.Lock | contextlib.nullcontext[None]:
-        """The session's lock for stateful requests (one turn at a time); a no-op for stateless ones."""
+    @contextlib.asynccontextmanager
+    async def turn(self, request: Request) -> AsyncIterator[None]:
+        """Hold the session's turn for a stateful request (one turn at a time); a no-op for stateless ones."""
         if request.messages is not None:
-            return contextlib.nullcontext()
-        return self.get(request.session_key).lock
+            yield
+            return
+        key = request.session_key
+        entry = self._turns.setdefault(key, _TurnLock())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._turns[key]
 
     def reset(self, key: SessionKey) -> bool:
         """Forget a session's history and system-prompt override; True if it existed."""
@@ -87,7 +115,7 @@ class SessionStore:
         cutoff = now - self._cfg.idle_ttl_s
         while self._sessions:
             key, session = next(iter(self._sessions.items()))
-            if session.last_used >= cutoff or session.lock.locked():
+            if session.last_used >= cutoff or key in self._turns:
                 return
             del self._sessions[key]
 
@@ -101,11 +129,10 @@ class SessionStore:
             if chat[0].role != "system":
                 chat.insert(0, system)
             return await self._fit(chat, budget, max_tokens)
-        session = self.get(request.session_key)
-        if request.system_prompt is not None:
-            session.system_prompt = request.system_prompt
-        if session.system_prompt is not None:
-            system = ChatMessage("system", session.system_prompt)
+        session = self.peek(request.session_key) or Session()
+        override = request.system_prompt or session.system_prompt
+        if override is not None:
+            system = ChatMessage("system", override)
         assert request.message is not None  # noqa: S101 - parse guarantees message or messages
         turns = self._trim(session.turns, self._cfg.max_history_tokens)
         while True:
@@ -141,10 +168,12 @@ class SessionStore:
         return kept
 
     async def record(self, request: Request, answer: str) -> None:
-        """Append the finished turn to the session (stateful requests only)."""
+        """Append the finished turn to the session (stateful requests only); stores a systemPrompt override."""
         if request.messages is not None or request.message is None:
             return
-        session = self.get(request.session_key)
+        session = self._get_or_create(request.session_key)
+        if request.system_prompt is not None:
+            session.system_prompt = request.system_prompt
         tokens = await self._engine.count_tokens(request.message) + await self._engine.count_tokens(answer)
         session.turns.append(_Turn(request.message, answer, tokens))
         session.turns = self._trim(session.turns, self._cfg.max_history_tokens)

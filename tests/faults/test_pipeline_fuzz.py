@@ -60,10 +60,39 @@ fields = st.fixed_dictionaries(
         "extra": values,
     },
 )
+# Hostile shapes (issue 13): deep nesting, huge numbers, odd schemas, BOMs, text that starts with "{".
+SCHEMA_KEYS = ["type", "properties", "items", "$schema", "$ref", "anyOf", "enum", "required", "minimum", "pattern"]
+schema_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=8), st.sampled_from(["object", "#/x"])),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.sampled_from([*SCHEMA_KEYS, "a"]), inner, max_size=3)
+    ),
+    max_leaves=20,
+)
+
+
+def nested(levels: int, leaf: str = "1") -> str:
+    return '{"a":' * levels + leaf + "}" * levels
+
+
+hostile = st.one_of(
+    st.integers(1, 3000).map(lambda n: f'{{"v":2,"message":"x","clientId":"h","x":{nested(n)}}}'),
+    st.integers(1, 400).map(lambda n: f'{{"v":2,"message":"x","clientId":"h","jsonSchema":{nested(n, "{}")}}}'),
+    st.tuples(st.sampled_from(["seed", "maxTokens", "priority", "x", "v"]), st.integers(1, 6000)).map(
+        lambda kd: f'{{"v":2,"message":"x","clientId":"h","{kd[0]}":{"9" * kd[1]}}}'
+    ),
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-0"]).map(
+        lambda c: f'{{"v":2,"message":"x","clientId":"h","temperature":{c}}}'
+    ),
+    schema_values.map(lambda sch: json.dumps({"v": 2, "message": "x", "clientId": "h", "jsonSchema": sch})),
+    fields.map(lambda d: "\ufeff" + json.dumps(d)),
+    st.text(max_size=40).map(lambda t: "{" + t),
+).map(str.encode)
 payloads = st.one_of(
     fields.map(lambda d: json.dumps(d).encode()),
     st.binary(max_size=80),
     st.text(max_size=80).map(str.encode),
+    hostile,
 )
 
 
@@ -117,7 +146,9 @@ class Harness:
             return self.final_replies() + self.counted() - before
 
         accounted = asyncio.run_coroutine_threadsafe(settle(), self.loop).result(timeout_s + 5)
-        return {"accounted": accounted, "internal": self.worker.service.counters[("general", "internal_errors")]}
+        counters = self.worker.service.counters
+        escaped = sum(v for (_, kind), v in counters.items() if kind in ("internal_errors", "poison"))
+        return {"accounted": accounted, "internal": escaped, "running": not self.worker.task.done()}
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +173,4 @@ def test_every_payload_is_answered_or_counted_and_nothing_escapes(harness: Harne
     result = harness.run(batch)
     assert result["accounted"] == len(batch)
     assert result["internal"] == 0
+    assert result["running"]

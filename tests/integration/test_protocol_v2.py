@@ -166,7 +166,7 @@ async def test_rate_limit_per_client_returns_rate_limited_with_retry_after(proje
         client_for(w.port) as greedy,
         client_for(w.port, "polite") as polite,
     ):
-        replies = await asyncio.gather(*(greedy.ask("maze", f"m{i}") for i in range(burst + 3)))
+        replies = await asyncio.gather(*(greedy.ask("maze", f"m{i}", session=f"g{i}") for i in range(burst + 3)))
         other = await polite.ask("maze", "hello")
     limited = [r for r in replies if r.error_code == "rate_limited"]
     assert len(limited) >= 3
@@ -221,7 +221,7 @@ async def test_every_v2_final_reply_has_usage_timing_model_and_worker():
 async def test_v5_response_topic_and_correlation_data_on_mosquitto(mosquitto):
     async with (
         running_worker(broker_url=mosquitto.url) as w,
-        peer(w.port, ["app/replies/#"], protocol="5") as p,
+        peer(w.port, ["maze/response/#"], protocol="5") as p,
     ):
         assert w.service._bus is not None
         assert w.service._bus.is_v5
@@ -231,12 +231,12 @@ async def test_v5_response_topic_and_correlation_data_on_mosquitto(mosquitto):
         from paho.mqtt.properties import Properties
 
         props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = "app/replies/42"
+        props.ResponseTopic = "maze/response/app-42"
         props.CorrelationData = b"\x00corr-42"
         props_client.publish("maze/user_input", b'{"message": "v5 please"}', qos=1, properties=props)
         await p.wait_for(lambda got: len(got) >= 1)
     msg = p.received[0]
-    assert msg.topic == "app/replies/42"
+    assert msg.topic == "maze/response/app-42"
     assert msg.correlation_data == b"\x00corr-42"
     assert json.loads(msg.payload)["text"] == "echo 1: v5 please"
 
@@ -245,13 +245,13 @@ async def test_v5_message_expiry_acts_as_deadline(mosquitto):
     engine = FakeEngine(script=words_script, token_delay_s=0.1)
     async with (
         running_worker(engine, broker_url=mosquitto.url) as w,
-        peer(w.port, ["app/r"], protocol="5") as p,
+        peer(w.port, ["maze/response/app-r"], protocol="5") as p,
     ):
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
         props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = "app/r"
+        props.ResponseTopic = "maze/response/app-r"
         props.MessageExpiryInterval = 1
         assert p.bus._client is not None
         p.bus._client.publish("maze/user_input", b'{"message": "go", "maxTokens": 100}', qos=1, properties=props)

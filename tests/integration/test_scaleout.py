@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from support import ROOT, Mosquitto, peer, running_worker, worker_subprocess
+from support import DeployedMosquitto, Mosquitto, peer, running_worker, worker_subprocess
 
 from worker.client import Client
 from worker.config import BrokerConfig
@@ -157,38 +157,25 @@ async def test_broker_restart_mid_generation_replies_arrive_after_reconnect(mosq
             assert (await c2.ask("general", "after", timeout_s=30)).ok
 
 
-def make_passwd(path: Path, users: dict[str, str]) -> None:
-    for i, (user, pw) in enumerate(users.items()):
-        flags = ["-c"] if i == 0 else []
-        subprocess.run(["mosquitto_passwd", *flags, "-b", str(path), user, pw], check=True)
-    path.chmod(0o644)
-
-
 @pytest.fixture
 def secured():
-    if subprocess.run(["which", "mosquitto_passwd"], capture_output=True, check=False).returncode:
-        pytest.skip("mosquitto_passwd not installed")
-    # Mosquitto started as root drops to user "mosquitto": its files live in its own world-readable dir.
-    broker = Mosquitto("allow_anonymous false\npassword_file {dir}/passwd\nacl_file {dir}/acl\n")
-    make_passwd(broker.dir / "passwd", {"worker": "worker-pw-123", "app": "app-pw-456"})
-    (broker.dir / "acl").write_text((ROOT / "deploy" / "acl").read_text())
-    (broker.dir / "acl").chmod(0o644)
-    broker.start()
-    yield broker
+    broker = DeployedMosquitto({"app-1": "app-pw-456", "app-2": "app-pw-789"}, {"worker": "worker-pw-123"})
+    yield broker.start()
     broker.stop()
 
 
 async def test_auth_and_the_deployed_acl_grant_exactly_what_the_protocol_needs(secured, monkeypatch):
     monkeypatch.setenv("VLLM_WORKER_BROKER__USERNAME", "worker")
     monkeypatch.setenv("VLLM_WORKER_BROKER__PASSWORD", "worker-pw-123")
-    with worker_subprocess(secured.url, "acl-w", ["general"]):
-        app = BrokerConfig(url=secured.url, username="app", password="app-pw-456")
-        async with Client(app, client_id="app-1") as c:
+    with worker_subprocess(secured.worker_url, "acl-w", ["general"]):
+        app1 = BrokerConfig(url=secured.app_url, username="app-1", password="app-pw-456")
+        app2 = BrokerConfig(url=secured.app_url, username="app-2", password="app-pw-789")
+        async with Client(app1, client_id="app-1") as c:
             # retried with the same requestId until the worker has subscribed (dedupe keeps it single)
             assert (await c.ask("general", "hello", timeout_s=3, retries=10)).ok
-        async with Client(app, client_id="app-2") as snoop, Client(app, client_id="app-1") as owner:
+        async with Client(app2, client_id="app-2") as snoop, Client(app1, client_id="app-1") as owner:
             snoop._subscribed.add("general/response/app-1")
-            await snoop._bus.subscribe(["general/response/app-1"])  # ACL: only %c may read it
+            await snoop._bus.subscribe(["general/response/app-1"])  # ACL: only the account app-1 may read it
             got = []
             snoop._inboxes["spy"] = asyncio.Queue()
             assert (await owner.ask("general", "private", request_id="spy", timeout_s=30)).ok
@@ -196,7 +183,10 @@ async def test_auth_and_the_deployed_acl_grant_exactly_what_the_protocol_needs(s
             got = list(snoop._inboxes["spy"]._queue)
         assert got == []
     with pytest.raises(Exception, match="refused the credentials"):
-        async with Client(BrokerConfig(url=secured.url, username="app", password="wrong", protocol="5")):
+        async with Client(BrokerConfig(url=secured.app_url, username="app-1", password="wrong", protocol="5")):
+            pass
+    with pytest.raises(Exception, match="refused the credentials"):  # apps cannot log in where workers do
+        async with Client(BrokerConfig(url=secured.worker_url, username="app-1", password="app-pw-456")):
             pass
 
 

@@ -6,9 +6,8 @@ import re
 import shutil
 import subprocess
 
-import pytest
 import yaml
-from support import ROOT, free_port, wait_port
+from support import ROOT, DeployedMosquitto
 
 from worker.config import WorkerConfig
 
@@ -57,25 +56,9 @@ def test_dockerfile_is_non_root_with_a_model_volume_and_both_variants():
     assert "torchvision" in text  # removed after install (CUDA builds break `import vllm` on CPU)
 
 
-def test_the_shipped_mosquitto_config_starts(tmp_path):
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not shutil.os.path.exists(binary):  # type: ignore[attr-defined]
-        pytest.skip("mosquitto not installed")
-    port = free_port()
-    conf = (DEPLOY / "mosquitto.conf").read_text()
-    conf = conf.replace("listener 1883 0.0.0.0", f"listener {port} 127.0.0.1")
-    conf = re.sub(r"^(password_file|acl_file) .*$", "", conf, flags=re.MULTILINE)
-    conf = conf.replace("allow_anonymous false", "allow_anonymous true")
-    conf = conf.replace("/mosquitto/data/", f"{tmp_path}/")
-    tmp_path.chmod(0o777)
-    path = tmp_path / "m.conf"
-    path.write_text(conf)
-    path.chmod(0o644)
-    proc = subprocess.Popen([binary, "-c", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_the_shipped_mosquitto_config_starts():
+    broker = DeployedMosquitto({"app": "app-pw"}, {"worker": "worker-pw"})
     try:
-        wait_port(port, proc)  # raises if Mosquitto rejected the shipped config and exited
+        broker.start()  # raises if Mosquitto rejected the shipped config and exited before listening
     finally:
-        proc.terminate()
-        proc.wait(5)
-        if proc.stdout:
-            proc.stdout.close()
+        broker.stop()

@@ -62,11 +62,10 @@ def test_session_in_topic_must_match_payload(p):
     assert err.route.topic == "maze/assistant_response/s9"  # the topic the sender listens on
 
 
-def test_bad_json_is_bad_request_routed_classic(p):
-    err = rejected(p, '{"message": "unterminated')
-    assert err.error.code is ErrorCode.BAD_REQUEST
-    assert err.route is not None
-    assert err.route.topic == "maze/assistant_response/default"
+def test_text_that_merely_starts_with_a_brace_is_the_message(p):
+    req = p("{Wall ahead} opening left. Which way?")  # PROTOCOL 1: not a JSON object -> the text itself
+    assert req.message == "{Wall ahead} opening left. Which way?"
+    assert req.route.topic == "maze/assistant_response/default"
 
 
 def test_invalid_utf8_is_bad_request(p):
@@ -127,9 +126,9 @@ def test_v2_dialect_and_reply_topic(p):
 
 
 def test_v5_response_topic_selects_v2_and_keeps_correlation(p):
-    req = p({"message": "hi"}, response_topic="app/replies/1", correlation_data=b"\x01\x02")
+    req = p({"message": "hi"}, response_topic="maze/response/app-1", correlation_data=b"\x01\x02")
     assert req.route.dialect is Dialect.V2
-    assert req.route.topic == "app/replies/1"
+    assert req.route.topic == "maze/response/app-1"
     assert req.route.correlation_data == b"\x01\x02"
 
 

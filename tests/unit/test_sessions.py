@@ -93,7 +93,7 @@ async def test_system_prompt_override_sticks_to_the_session(projects):
     await store.record(req, "arr")
     second = await store.build_prompt(request(projects, "again"))
     assert first.messages[0].content == second.messages[0].content == "You are a pirate."
-    assert store.reset(("maze", "s1"))
+    assert store.reset(("maze", "", "s1"))
     third = await store.build_prompt(request(projects, "again"))
     assert third.messages[0].content == projects["maze"].system_prompt
 
