@@ -2,7 +2,10 @@
 
 paho runs its network thread (`loop_start`): connect, keepalive and reconnect with backoff happen there.
 Callbacks only hand work to the event loop (`call_soon_threadsafe`) into a bounded queue; when the
-queue is full the message is parked, never dropped (it is not acked yet). Every socket gets
+queue is full the message is parked, never dropped (it is not acked yet), and once `inbox_size` more
+are parked paho's thread waits for the intake to catch up (TCP backpressure: memory stays bounded even
+on MQTT 3.1.1, where the broker knows no ReceiveMaximum). `subscribe` returns once the broker granted
+every filter (SUBACK), so `ready` is never announced for topics the broker refused. Every socket gets
 TCP_NODELAY (without it a QoS1 round trip costs 40-90 ms), and `suppress_exceptions` keeps one raising
 callback from silently killing the network thread. QoS1 publishes resolve when the broker's PUBACK
 arrives, so "replied" means the broker has it.
@@ -15,6 +18,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
@@ -34,6 +38,7 @@ from worker.message import InboundMessage
 log = structlog.get_logger(__name__)
 
 V5_PROBE_TIMEOUT_S = 3.0
+SUBACK_TIMEOUT_S = 10.0
 UNSUPPORTED_PROTOCOL = 132  # v5 CONNACK reason "Unsupported Protocol Version" (amqtt answers v5 with it)
 NOT_AUTHORIZED = frozenset({4, 5, 134, 135})  # v3 rc 4/5, v5 "Bad user name or password"/"Not authorized"
 
@@ -62,6 +67,10 @@ class BusConnectError(ConfigError):
     """The broker could not be reached or refused us."""
 
 
+class BusSubscribeError(ConfigError):
+    """The broker refused a subscription (an ACL that does not grant what PROTOCOL section 7 needs)."""
+
+
 class Bus:
     """One MQTT connection; see the module docstring."""
 
@@ -84,6 +93,10 @@ class Bus:
         self._protocol = protocol or cfg.protocol
         self._inbox: asyncio.Queue[InboundMessage] = asyncio.Queue(inbox_size)
         self._parked: set[asyncio.Task[None]] = set()
+        self._handoffs = threading.Semaphore(2 * inbox_size)
+        """Messages handed to the loop and not yet taken by `messages()`: queued plus parked."""
+        self._closing = threading.Event()
+        self._subacks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
         self._subscriptions: dict[str, int] = {}
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -119,6 +132,7 @@ class Bus:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         client, self._client = self._client, None
+        self._closing.set()
         for task in self._parked:
             task.cancel()
         if client is not None:
@@ -149,6 +163,7 @@ class Bus:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         if self._cfg.username:
             client.username_pw_set(self._cfg.username, self._cfg.secret())
         _, _, tls = self._cfg.endpoint()
@@ -239,7 +254,14 @@ class Bus:
             retain=bool(msg.retain),
         )
         assert self._loop is not None  # noqa: S101
+        while not self._handoffs.acquire(timeout=0.5):  # backpressure: the intake is behind
+            if self._closing.is_set():
+                return
         self._loop.call_soon_threadsafe(self._enqueue, inbound)
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, codes: list[ReasonCode], _p: Any) -> None:  # noqa: ANN401
+        assert self._loop is not None  # noqa: S101
+        self._loop.call_soon_threadsafe(self._subscribed, mid, list(codes))
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _code: Any, _p: Any) -> None:  # noqa: ANN401
         assert self._loop is not None  # noqa: S101
@@ -272,6 +294,11 @@ class Bus:
             self._parked.add(task)
             task.add_done_callback(self._parked.discard)
 
+    def _subscribed(self, mid: int, codes: list[ReasonCode]) -> None:
+        fut = self._subacks.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(codes)
+
     def _published(self, mid: int) -> None:
         fut = self._pending.pop(mid, None)
         if fut is not None and not fut.done():
@@ -288,11 +315,34 @@ class Bus:
             raise RuntimeError("bus is not connected")
         return self._client
 
+    @property
+    def endpoint(self) -> tuple[str, int, bool]:
+        """(host, port, tls) of the broker."""
+        return self._cfg.endpoint()
+
     async def subscribe(self, topics: Iterable[str], qos: int = 1) -> None:
-        """Subscribe now and after every reconnect."""
+        """Subscribe now (returning once the broker granted every filter) and after every reconnect.
+
+        Raises `BusSubscribeError` when the broker refuses a filter or grants less than `qos`.
+        """
         new = dict.fromkeys(topics, qos)
         self._subscriptions.update(new)
-        self._require().subscribe(list(new.items()))
+        assert self._loop is not None  # noqa: S101 - set in __aenter__
+        result, mid = self._require().subscribe(list(new.items()))
+        if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            raise BusSubscribeError(f"cannot subscribe: {mqtt.error_string(result)}")
+        fut: asyncio.Future[list[ReasonCode]] = self._loop.create_future()
+        self._subacks[mid] = fut
+        try:
+            async with asyncio.timeout(SUBACK_TIMEOUT_S):
+                codes = await fut
+        except TimeoutError:
+            raise BusSubscribeError(f"no SUBACK from the broker within {SUBACK_TIMEOUT_S:.0f} s") from None
+        finally:
+            self._subacks.pop(mid, None)
+        refused = [t for t, code in zip(new, codes, strict=False) if code.is_failure or code.value < qos]
+        if refused or len(codes) != len(new):
+            raise BusSubscribeError(f"the broker refused the subscription to {', '.join(refused) or 'some filters'}")
 
     async def unsubscribe(self, topics: Iterable[str]) -> None:
         """Stop receiving these topics."""
@@ -332,7 +382,9 @@ class Bus:
 
     async def messages(self) -> InboundMessage:
         """The next inbound message (waits)."""
-        return await self._inbox.get()
+        msg = await self._inbox.get()
+        self._handoffs.release()
+        return msg
 
     def ack(self, msg: InboundMessage) -> None:
         """PUBACK a QoS1 message (manual ack: we decide when it counts as taken)."""

@@ -85,7 +85,7 @@ class ExpiredError(WorkerError):
     code, public_message = ErrorCode.EXPIRED, "Request deadline expired"
 
 
-class CancelledError(WorkerError):
+class RequestCancelledError(WorkerError):
     """The client cancelled the request."""
 
     code, public_message = ErrorCode.CANCELLED, "Request cancelled"

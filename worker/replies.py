@@ -2,8 +2,9 @@
 
 v2 streams are coalesced: the first chunk goes out at once (it is the time to first token), later ones
 when `stream_max_tokens` tokens have accumulated or `stream_interval_ms` passed since the previous one,
-so a fast model does not flood the broker. `seq`
-rises by one per message of a request; the final message carries the whole text, usage and timing.
+so a fast model does not flood the broker. `seq` rises by one per message of a request; the final
+message carries the whole text, usage and timing. What a stream shows is computed incrementally
+(`VisibleText`), so a long answer costs linear, not quadratic, time.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from worker.protocol import (
     classic_error,
     v2_error,
     v2_message,
-    visible_text,
 )
+
+OPEN, CLOSE = "<think>", "</think>"
 
 
 class Publish(Protocol):
@@ -49,6 +51,75 @@ class Outcome:
     total_ms: int
 
 
+class VisibleText:
+    """What a client may see of a growing raw answer, fed piece by piece, each piece looked at once.
+
+    Matches `protocol.visible_text` on the final text: `<think>...</think>` blocks dropped (when the
+    project strips reasoning; an unclosed block hides the rest), outer whitespace trimmed (trailing
+    whitespace is held back until text follows it). A `</think>` with no opening tag means everything so
+    far was reasoning whose tag sat in the template: the stream then stops showing text and the final
+    message's whole `text` is authoritative.
+    """
+
+    def __init__(self, strip_reasoning: bool) -> None:
+        self._strip = strip_reasoning
+        self._pending = ""
+        self._inside = False
+        self._started = False
+        self._held_space = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Add raw text; returns the newly visible text (possibly empty)."""
+        if self.stopped:
+            return ""
+        if not self._strip:
+            return self._emit(text)
+        self._pending += text
+        out: list[str] = []
+        while True:
+            if self._inside:
+                end = self._pending.find(CLOSE)
+                if end < 0:
+                    self._pending = self._pending[-(len(CLOSE) - 1) :]  # may hold the start of a tag
+                    break
+                self._pending, self._inside = self._pending[end + len(CLOSE) :], False
+                continue
+            start, stray = self._pending.find(OPEN), self._pending.find(CLOSE)
+            if stray >= 0 and (start < 0 or stray < start):
+                self.stopped = True
+                return ""
+            if start >= 0:
+                out.append(self._pending[:start])
+                self._pending, self._inside = self._pending[start + len(OPEN) :], True
+                continue
+            keep = _partial_tag(self._pending)
+            out.append(self._pending[: len(self._pending) - keep])
+            self._pending = self._pending[len(self._pending) - keep :]
+            break
+        return self._emit("".join(out))
+
+    def _emit(self, text: str) -> str:
+        if not self._started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self._started = True
+        text = self._held_space + text
+        shown = text.rstrip()
+        self._held_space = text[len(shown) :]
+        return shown
+
+
+def _partial_tag(text: str) -> int:
+    """Length of the longest suffix of `text` that begins `<think>` or `</think>` (held back: a tag may follow)."""
+    for size in range(min(len(text), len(CLOSE) - 1), 0, -1):
+        tail = text[-size:]
+        if OPEN.startswith(tail) or CLOSE.startswith(tail):
+            return size
+    return 0
+
+
 class Stream:
     """One request's outgoing messages: coalesced v2 chunks (when asked for) and the final reply.
 
@@ -61,38 +132,47 @@ class Stream:
         self._request = request
         self.route = request.route
         self._seq = 0
-        self._raw = ""
-        self._sent = ""
+        self._raw: list[str] = []
+        self._visible = VisibleText(request.project.strip_reasoning) if request.stream else None
+        self._sent: list[str] = []
+        self._unsent = ""
         self._pending_tokens = 0
         self._last_flush = time.monotonic()
 
+    @property
+    def raw_text(self) -> str:
+        """Everything the engine produced so far (joined on demand: call it once, at the end)."""
+        return "".join(self._raw)
+
     async def feed(self, text: str, tokens: int) -> None:
         """New text from the engine; publishes a chunk when the coalescing window is full."""
-        if not self._request.stream:
+        self._raw.append(text)
+        if self._visible is None:
             return
-        self._raw += text
+        self._unsent += self._visible.feed(text)
         self._pending_tokens += tokens
         now = time.monotonic()
         first = self._seq == 0  # the first token goes out at once: time-to-first-token is what users feel
         full = self._pending_tokens >= self._replier.max_tokens
-        if first or full or now - self._last_flush >= self._replier.interval_ms / 1000:
-            delta = self._unsent(visible_text(self._request.project, self._raw))
-            if delta:
-                await self._flush(delta, now)
+        if self._unsent and (first or full or now - self._last_flush >= self._replier.interval_ms / 1000):
+            await self._flush(now)
 
-    def _unsent(self, visible: str) -> str:
-        # Visible text normally only grows; if stripping rewrote what was already sent, send nothing more
-        # as chunks: the final message's whole `text` is authoritative.
-        return visible[len(self._sent) :] if visible.startswith(self._sent) else ""
-
-    async def _flush(self, delta: str, now: float) -> None:
+    async def _flush(self, now: float) -> None:
+        delta, self._unsent = self._unsent, ""
         self._seq += 1
-        self._sent += delta
+        self._sent.append(delta)
         self._pending_tokens, self._last_flush = 0, now
         route = self.route
         payload = v2_message(route, self._seq, done=False, delta=delta)
         # Chunks do not wait for PUBACK (ordering holds per topic); only the final reply does.
         await self._replier.publish(route.topic, payload, route.correlation_data, wait=False)
+
+    def _final_delta(self, text: str) -> str | None:
+        """The final text no chunk carried yet ("" when the stream diverged from it); None when not streaming."""
+        if self._visible is None:
+            return None
+        sent = "".join(self._sent)
+        return text[len(sent) :] if text.startswith(sent) else ""
 
     async def finish(self, outcome: Outcome) -> FinalReply:
         """Send the final answer; for a stream, its `delta` is the text no chunk carried yet."""
@@ -106,7 +186,7 @@ class Stream:
                 self._seq,
                 done=True,
                 text=outcome.text,
-                delta=self._unsent(outcome.text) if self._request.stream else None,
+                delta=self._final_delta(outcome.text),
                 finishReason=outcome.finish_reason,
                 usage={
                     "promptTokens": outcome.prompt_tokens,

@@ -21,9 +21,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from worker.config import SessionsConfig
-from worker.engine.base import ChatMessage, Engine, Prompt
+from worker.engine.base import Engine, Prompt
 from worker.errors import ContextTooLongError
-from worker.protocol import Request
+from worker.protocol import ChatMessage, Request
 
 SessionKey = tuple[str, str, str]
 """(project, owner, sessionId): see `Request.session_key`."""

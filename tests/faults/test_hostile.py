@@ -22,7 +22,7 @@ from support import DeployedMosquitto, Mosquitto, Peer, peer, running_worker, wo
 from worker.bus import Bus
 from worker.config import BrokerConfig
 from worker.engine.fake import FakeEngine
-from worker.service import Service
+from worker.intake import Intake
 
 pytestmark = pytest.mark.faults
 
@@ -108,7 +108,7 @@ async def test_01_a_loop_that_dies_takes_the_worker_offline_with_status_1(monkey
                 monkeypatch.setattr(w.service._bus, "messages", boom)
                 await p.publish("maze/user_input", "wake the intake")  # it is waiting on the old call
             elif loop == "telemetry":
-                monkeypatch.setattr(w.service, "telemetry", boom)
+                monkeypatch.setattr(w.service._status, "telemetry", boom)
             else:
                 monkeypatch.setattr(w.engine, "check_health", boom)
             with capture_logs() as logs:
@@ -167,14 +167,14 @@ async def test_02_poison_in_a_share_group_is_answered_once_and_never_silences_a_
 
 
 async def test_02_a_message_whose_processing_raises_is_acked_counted_and_not_redelivered(mosquitto, monkeypatch):
-    original = Service._accept
+    original = Intake._take
 
-    def accept(self: Service, msg, stop):  # a bug of ours that only this payload triggers
+    def take(self: Intake, msg):  # a bug of ours that only this payload triggers
         if b"trigger-bug" in msg.payload:
             raise KeyError("injected")
-        return original(self, msg, stop)
+        return original(self, msg)
 
-    monkeypatch.setattr(Service, "_accept", accept)
+    monkeypatch.setattr(Intake, "_take", take)
     async with (
         running_worker(projects=["maze"], broker_url=mosquitto.url) as w,
         peer(mosquitto.port, ["maze/response/+"], protocol="5") as p,
@@ -185,7 +185,7 @@ async def test_02_a_message_whose_processing_raises_is_acked_counted_and_not_red
             await still_answers(p, "after-bug")
         assert w.service.counters[("maze", "poison")] == 1
         assert any(e["event"] == "request.poison" and e["log_level"] == "error" for e in logs)
-    monkeypatch.setattr(Service, "_accept", original)
+    monkeypatch.setattr(Intake, "_take", original)
     async with (
         running_worker(projects=["maze"], broker_url=mosquitto.url) as w2,
         peer(mosquitto.port, ["maze/response/+"], protocol="5") as p2,

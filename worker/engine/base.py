@@ -1,5 +1,7 @@
 """The engine contract the service talks to; it knows nothing of MQTT.
 
+It takes the protocol's chat types (`ChatMessage`, `Sampling`) as input; the protocol never imports it.
+
 Two implementations honour it: `VllmEngine` (the real in-process AsyncLLM) and `FakeEngine`.
 """
 
@@ -8,17 +10,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal, Protocol, Self
+from typing import Protocol, Self
 
-Role = Literal["system", "user", "assistant"]
-
-
-@dataclass(frozen=True, slots=True)
-class ChatMessage:
-    """One chat turn."""
-
-    role: Role
-    content: str
+from worker.protocol.messages import ChatMessage, Sampling
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,21 +22,6 @@ class Prompt:
     messages: tuple[ChatMessage, ...]
     text: str
     token_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Sampling:
-    """Resolved sampling parameters (already clamped to the project's limits)."""
-
-    temperature: float
-    top_p: float
-    top_k: int
-    max_tokens: int
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False
-    json_schema: str | None = None
-    """Constrain the answer to this JSON schema (serialised), via vLLM structured outputs."""
 
 
 @dataclass(frozen=True, slots=True)

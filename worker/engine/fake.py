@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Self
 
-from worker.engine.base import ChatMessage, Delta, EngineStats, Prompt, Sampling
+from worker.engine.base import Delta, EngineStats, Prompt
 from worker.errors import EngineDeadError, EngineError
+from worker.protocol.messages import ChatMessage, Sampling
 
 Script = Callable[[Prompt], str]
 

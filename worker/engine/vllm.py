@@ -23,9 +23,10 @@ import structlog
 
 from worker import plan as planner
 from worker.config import ModelConfig
-from worker.engine.base import ChatMessage, Delta, EngineStats, Prompt, Sampling
+from worker.engine.base import Delta, EngineStats, Prompt
 from worker.engine.stats import StatsAggregator
 from worker.errors import BadRequestError, ConfigError, EngineDeadError, EngineError, OverloadedError
+from worker.protocol.messages import ChatMessage, Sampling
 from worker.quantization import Device, QuantPlan, VllmSupport, check_context, plan
 
 log = structlog.get_logger(__name__)

@@ -1,41 +1,29 @@
-"""The wire protocol (PROTOCOL.md sections 1-3): topic names, request parsing, reply encoding.
+"""bytes -> `Request` (or a typed `Rejected` carrying the safe route to answer on), and control commands.
 
-`parse` turns an `InboundMessage` into a validated `Request`, or raises `Rejected` carrying the typed
-error and, when one can be derived safely, the `Route` to answer on. Ids are validated before they
-are spliced into any topic name.
+The reply route is worked out once, from validated ids only; every bound of PROTOCOL section 1 is
+checked before anything is built. Parsing never raises anything but `Rejected` / `BadRequestError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import re
 import time
 import uuid
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import structlog
 
-from worker.engine.base import ChatMessage, Sampling
-from worker.errors import (
-    BadRequestError,
-    TooLargeError,
-    UnknownProjectError,
-    WorkerError,
-)
+from worker.errors import BadRequestError, TooLargeError, UnknownProjectError, WorkerError
 from worker.message import InboundMessage
-from worker.payload import decode
 from worker.projects import Project
-from worker.schemas import check_schema
+from worker.protocol.messages import Cancel, ChatMessage, Rejected, Request, Reset, Route, Sampling
+from worker.protocol.payload import decode
+from worker.protocol.schemas import check_schema
+from worker.protocol.topics import DEFAULT_SESSION, Dialect, Topics, is_reply_topic, is_valid_id
 
 log = structlog.get_logger(__name__)
 
-ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
-DEFAULT_SESSION = "default"
-MAX_TOPIC_CHARS = 512
 ROUTING_PARSE_LIMIT_BYTES = 1024 * 1024
 """Payloads over max size are still parsed (to find a v2 reply route) up to this size."""
 MAX_CHAT_MESSAGES = 256
@@ -64,178 +52,6 @@ KNOWN_FIELDS = frozenset(
         "priority",
     }
 )
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
-
-
-class Dialect(StrEnum):
-    """Reply dialect: classic plain text (old clients) or v2 JSON."""
-
-    CLASSIC = "classic"
-    V2 = "v2"
-
-
-@dataclass(frozen=True, slots=True)
-class Topics:
-    """Topic names for one prefix (PROTOCOL section 1-3)."""
-
-    prefix: str = ""
-
-    def user_input(self, project: str) -> str:
-        """Request topic."""
-        return f"{self.prefix}{project}/user_input"
-
-    def user_input_sessions(self, project: str) -> str:
-        """Request topic variant with the session in the topic (subscription filter)."""
-        return f"{self.prefix}{project}/user_input/+"
-
-    def classic_reply(self, project: str, session_id: str) -> str:
-        """Classic reply topic."""
-        return f"{self.prefix}{project}/assistant_response/{session_id}"
-
-    def v2_reply(self, project: str, who: str) -> str:
-        """v2 reply topic (clientId, else sessionId)."""
-        return f"{self.prefix}{project}/response/{who}"
-
-    def cancel(self, project: str) -> str:
-        """Cancellation topic."""
-        return f"{self.prefix}{project}/cancel"
-
-    def session_reset(self, project: str) -> str:
-        """Session-reset topic."""
-        return f"{self.prefix}{project}/session/reset"
-
-    def control_kind(self, topic: str) -> tuple[str, str] | None:
-        """("cancel" | "reset", project) for a control topic, else None."""
-        if not topic.startswith(self.prefix):
-            return None
-        parts = topic[len(self.prefix) :].split("/")
-        if len(parts) == 2 and parts[1] == "cancel":  # noqa: PLR2004 - {project}/cancel
-            return "cancel", parts[0]
-        if parts[1:] == ["session", "reset"]:
-            return "reset", parts[0]
-        return None
-
-    def reply_prefix(self, project: str, dialect: Dialect) -> str:
-        """Where a payload `replyTopic` must live for its dialect."""
-        kind = "assistant_response" if dialect is Dialect.CLASSIC else "response"
-        return f"{self.prefix}{project}/{kind}/"
-
-    def split_request(self, topic: str) -> tuple[str, str | None] | None:
-        """(project, session-in-topic) of a request topic, or None when it is not one."""
-        if not topic.startswith(self.prefix):
-            return None
-        parts = topic[len(self.prefix) :].split("/")
-        if len(parts) == 2 and parts[1] == "user_input":  # noqa: PLR2004 - {project}/user_input
-            return parts[0], None
-        if len(parts) == 3 and parts[1] == "user_input":  # noqa: PLR2004 - {project}/user_input/{session}
-            return parts[0], parts[2]
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Where and how to answer one request."""
-
-    project: str
-    dialect: Dialect
-    topic: str
-    session_id: str
-    client_id: str | None = None
-    request_id: str | None = None
-    correlation_data: bytes | None = None
-
-    @property
-    def owner(self) -> str:
-        """Whose namespace the request's session and requestId live in: its v2 clientId, else "" (classic).
-
-        A v2 clientId names the reply topic that, in the shipped deploy, only that account may read;
-        classic clients have no identity and share one namespace per project (README, Security).
-        """
-        return self.client_id or "" if self.dialect is Dialect.V2 else ""
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """A validated request, ready for admission."""
-
-    route: Route
-    project: Project
-    request_id: str
-    client_supplied_id: bool
-    message: str | None
-    messages: tuple[ChatMessage, ...] | None
-    system_prompt: str | None
-    sampling: Sampling
-    stream: bool
-    deadline_ms: int | None
-    priority: int
-    received_at: float
-    unknown_fields: tuple[str, ...] = ()
-
-    @property
-    def session_key(self) -> tuple[str, str, str]:
-        """(project, owner, sessionId): the history key; see `Route.owner`."""
-        return self.route.project, self.route.owner, self.route.session_id
-
-    @property
-    def dedupe_key(self) -> tuple[str, str, str]:
-        """(project, owner, requestId): one client cannot claim, resend or cancel another's requestId."""
-        return self.route.project, self.route.owner, self.request_id
-
-
-@dataclass(frozen=True, slots=True)
-class FinalReply:
-    """What was published as a request's final reply, kept to answer QoS1 redeliveries."""
-
-    topic: str
-    payload: bytes
-    correlation_data: bytes | None
-
-
-class Rejected(Exception):  # noqa: N818 - it is an outcome, not an error of ours
-    """A request refused at parse time; `route` is None when no safe reply topic exists."""
-
-    def __init__(self, error: WorkerError, route: Route | None, *, internal: bool = False) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.route = route
-        self.internal = internal
-        """True when a bug of ours, not the payload's own fault, refused it (counted apart)."""
-
-
-def is_valid_id(value: object) -> bool:
-    """PROTOCOL id: 1-128 chars of [A-Za-z0-9_.:-]."""
-    return isinstance(value, str) and ID_RE.fullmatch(value) is not None
-
-
-def is_safe_topic(topic: object) -> bool:
-    """A publishable, non-system topic: no wildcards, no NUL, not `$...`, bounded length."""
-    return (
-        isinstance(topic, str)
-        and 0 < len(topic) <= MAX_TOPIC_CHARS
-        and not topic.startswith("$")
-        and not any(c in topic for c in "+#\x00")
-    )
-
-
-def is_reply_topic(topic: object, prefix: str) -> bool:
-    """A safe topic strictly under `prefix` (a project's reply namespace: what the worker's ACL grants)."""
-    return is_safe_topic(topic) and str(topic).startswith(prefix) and len(str(topic)) > len(prefix)
-
-
-def strip_reasoning(text: str) -> str:
-    """Remove `<think>...</think>` blocks (and a reasoning prefix whose opening tag was in the template)."""
-    text = _THINK_BLOCK.sub("", text)
-    if "</think>" in text:
-        text = text.rsplit("</think>", 1)[1]
-    if "<think>" in text:  # reasoning cut off by max_tokens: nothing after it is an answer
-        text = text.split("<think>", 1)[0]
-    return text.strip()
-
-
-def visible_text(project: Project, raw: str) -> str:
-    """What the client sees of the raw generated text: reasoning stripped if the project says so, trimmed."""
-    return strip_reasoning(raw) if project.strip_reasoning else raw.strip()
 
 
 class _Parser:
@@ -488,38 +304,6 @@ def parse(msg: InboundMessage, projects: dict[str, Project], topics: Topics, max
         raise Rejected(BadRequestError("the payload could not be parsed"), parser.route, internal=True) from exc
 
 
-@dataclass(frozen=True, slots=True)
-class Cancel:
-    """`{project}/cancel`: abort `request_id` (only its sender's clientId may, when it gave one)."""
-
-    project: str
-    request_id: str
-    client_id: str | None
-
-    @property
-    def dedupe_key(self) -> tuple[str, str, str]:
-        """The in-flight request it names (see `Request.dedupe_key`)."""
-        return self.project, self.client_id or "", self.request_id
-
-
-@dataclass(frozen=True, slots=True)
-class Reset:
-    """`{project}/session/reset`: forget a session; `confirm` is the v2 route to confirm on, if any.
-
-    With a `client_id` it resets that v2 client's session of this name, else the classic one.
-    """
-
-    project: str
-    session_id: str
-    client_id: str | None
-    confirm: Route | None
-
-    @property
-    def session_key(self) -> tuple[str, str, str]:
-        """The history key it resets (see `Request.session_key`)."""
-        return self.project, self.client_id or "", self.session_id
-
-
 def _control_body(msg: InboundMessage) -> dict[str, Any]:
     decoded = decode(msg.payload)
     if decoded is None or decoded.body is None:
@@ -563,28 +347,3 @@ def _control(msg: InboundMessage, kind: str, project: str, topics: Topics) -> Ca
             topic = msg.response_topic
         confirm = Route(project, Dialect.V2, topic, str(session), client_id, None, msg.correlation_data)
     return Reset(project, str(session), client_id, confirm)
-
-
-def classic_answer(text: str) -> bytes:
-    """Classic reply payload: the answer as plain UTF-8 text."""
-    return text.encode("utf-8")
-
-
-def classic_error(error: WorkerError) -> bytes:
-    """Classic error payload: `Error: ` plus a human sentence."""
-    return f"Error: {error.message}".encode()
-
-
-def v2_message(route: Route, seq: int, **fields: Any) -> bytes:  # noqa: ANN401 - JSON values
-    """A v2 reply object (PROTOCOL section 3); `None` fields are left out."""
-    body: dict[str, Any] = {"v": 2, "requestId": route.request_id, "sessionId": route.session_id, "seq": seq}
-    body.update({k: v for k, v in fields.items() if v is not None})
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-def v2_error(route: Route, seq: int, error: WorkerError, model: str, worker: str) -> bytes:
-    """A v2 error reply."""
-    err: dict[str, Any] = {"code": str(error.code), "message": error.message}
-    if error.retry_after_ms is not None:
-        err["retryAfterMs"] = error.retry_after_ms
-    return v2_message(route, seq, done=True, finishReason="error", error=err, model=model, worker=worker)

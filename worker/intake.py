@@ -1,0 +1,179 @@
+"""`Intake`: every inbound message ends here, and `take` never raises.
+
+A message becomes one of: a job (parsed, not a duplicate, admitted: `serve` runs it), a typed refusal
+on a safe route, the cached final reply of a duplicate, a cancel or session reset, or a counted, logged
+drop (no safe route; a retained replay; a poison message that made our own code raise). Then the job
+table applies the ack policy to it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import structlog
+
+from worker import protocol
+from worker.admission import Admission, Seen
+from worker.errors import EngineError, RequestCancelledError, WorkerError
+from worker.jobs import Job, JobTable
+from worker.message import InboundMessage
+from worker.projects import Project
+from worker.protocol import Cancel, FinalReply, Rejected, Request, Route, Topics
+from worker.replies import Replier
+from worker.serve import Pipeline, serve
+from worker.sessions import SessionStore
+
+log = structlog.get_logger(__name__)
+
+
+class Intake:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        projects: dict[str, Project],
+        topics: Topics,
+        *,
+        max_payload_bytes: int,
+        admission: Admission,
+        jobs: JobTable,
+        pipeline: Pipeline,
+    ) -> None:
+        self._projects = projects
+        self._topics = topics
+        self._max_payload_bytes = max_payload_bytes
+        self._admission = admission
+        self._jobs = jobs
+        self._pipeline = pipeline
+        self._counters: Counter[tuple[str, str]] = pipeline.counters
+        self._warned: set[str] = set()
+
+    @property
+    def _sessions(self) -> SessionStore:
+        return self._pipeline.sessions
+
+    @property
+    def _replier(self) -> Replier:
+        return self._pipeline.replier
+
+    def take(self, msg: InboundMessage) -> None:
+        """Handle one inbound message; never raises (a bug of ours costs this message only)."""
+        try:
+            job = self._take(msg)
+        except Exception:
+            self._count(self._project_of(msg.topic), "poison")
+            log.exception("request.poison", topic=msg.topic[:128], size=len(msg.payload))
+            job = None
+        self._jobs.took(msg, job)
+
+    def _take(self, msg: InboundMessage) -> Job | None:
+        if msg.retain:  # a stored message replayed on subscribe: it would be answered at every start
+            self._count(self._project_of(msg.topic), "retained_ignored")
+            log.warning("request.retained_ignored", topic=msg.topic[:128])
+            return None
+        control = self._topics.control_kind(msg.topic)
+        if control is not None:
+            self._control(msg, *control)
+            return None
+        try:
+            request = protocol.parse(msg, self._projects, self._topics, self._max_payload_bytes)
+        except Rejected as rejected:
+            self._refused(msg, rejected)
+            return None
+        try:
+            return self._admit(request)
+        except Exception:  # a bug of ours after parsing: answer this request, keep the intake
+            self._count(request.route.project, "internal_errors")
+            log.exception("request.admission_failed", request_id=request.request_id)
+            self._fail(request.route, EngineError())
+            return None
+
+    def _refused(self, msg: InboundMessage, rejected: Rejected) -> None:
+        self._count(rejected.route.project if rejected.route else "?", "rejected")
+        if rejected.internal:
+            self._count(self._project_of(msg.topic), "internal_errors")
+        if rejected.route is None:  # no safe reply topic exists: counted and logged, not answered
+            self._count("?", "unroutable")
+            log.warning("request.unroutable", topic=msg.topic[:128], reason=rejected.error.message)
+            return
+        self._fail(rejected.route, rejected.error)
+
+    def _admit(self, request: Request) -> Job | None:
+        """Dedupe and admit a parsed request; returns its job, or None once it is answered."""
+        self._warn_once(request)
+        seen, final = self._admission.seen(request)
+        if seen is not Seen.NEW:
+            log.info("request.duplicate", request_id=request.request_id, state=seen.value)
+            if final is not None:  # answered again with the cached final reply
+                self._count(request.route.project, "duplicates_resent")
+                self._jobs.reply(self._resend(final))
+            else:  # still running: its one final reply is on the way
+                self._count(request.route.project, "duplicates")
+            return None
+        try:
+            self._admission.admit(request)
+        except WorkerError as err:
+            self._count(request.route.project, "rejected")
+            self._fail(request.route, err)
+            return None
+        self._count(request.route.project, "requests")
+        job = Job(request)
+        return self._jobs.start(job, serve(job, self._pipeline))
+
+    def _control(self, msg: InboundMessage, kind: str, project: str) -> None:
+        """Cancel or session reset; malformed ones are counted and logged (there is no route to answer on)."""
+        if project not in self._projects:
+            return
+        try:
+            command = protocol.parse_control(msg, kind, project, self._topics)
+        except WorkerError as err:
+            self._count(project, "control_rejected")
+            log.info("control.rejected", project=project, kind=kind, reason=err.message)
+            return
+        if isinstance(command, Cancel):
+            self._cancel(command)
+            return
+        existed = self._sessions.reset(command.session_key)
+        log.info("session.reset", project=project, session_id=command.session_id, existed=existed)
+        if command.confirm is not None:
+            route = command.confirm
+            body = protocol.v2_message(route, 1, reset=True)
+            self._jobs.reply(self._replier.publish(route.topic, body, route.correlation_data, wait=True))
+
+    def _cancel(self, command: Cancel) -> None:
+        """Only the request's own clientId reaches it: requestIds live in their client's namespace."""
+        job = self._jobs.get(command.dedupe_key)
+        if job is None:
+            log.info("request.cancel_unknown", request_id=command.request_id)
+            return
+        job.cancel(RequestCancelledError())
+
+    def _fail(self, route: Route, error: WorkerError) -> None:
+        """Answer a request that was never admitted."""
+        self._count(route.project, "errors")
+        log.info("request.failed_reply", project=route.project, code=str(error.code), request_id=route.request_id)
+        self._jobs.reply(self._send_error(route, error))
+
+    async def _send_error(self, route: Route, error: WorkerError) -> None:
+        await self._replier.fail(route, error)
+
+    async def _resend(self, final: FinalReply) -> None:
+        await self._replier.publish(final.topic, final.payload, final.correlation_data, wait=True)
+
+    def _warn_once(self, request: Request) -> None:
+        """Unknown fields (forward compatibility) and an ignored priority are logged once per worker."""
+        new = [f for f in request.unknown_fields if f not in self._warned]
+        if new:
+            self._warned.update(new)
+            log.warning("request.unknown_fields_ignored", fields=new)
+        if request.priority and not self._pipeline.priority_scheduling and "priority" not in self._warned:
+            self._warned.add("priority")
+            log.warning("request.priority_ignored", reason="model.scheduling_policy is fcfs")
+
+    def _project_of(self, topic: str) -> str:
+        """The served project a topic belongs to, else "?" (counters are keyed by served projects only)."""
+        head = topic.removeprefix(self._topics.prefix).split("/", 1)[0]
+        return head if head in self._projects else "?"
+
+    def _count(self, project: str, what: str) -> None:
+        self._counters[(project, what)] += 1

@@ -1,0 +1,96 @@
+"""Topic names and the id rules that make it safe to splice client values into them (PROTOCOL 1-3, 7)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+DEFAULT_SESSION = "default"
+MAX_TOPIC_CHARS = 512
+
+
+class Dialect(StrEnum):
+    """Reply dialect: classic plain text (old clients) or v2 JSON."""
+
+    CLASSIC = "classic"
+    V2 = "v2"
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic names for one prefix (PROTOCOL section 1-3)."""
+
+    prefix: str = ""
+
+    def user_input(self, project: str) -> str:
+        """Request topic."""
+        return f"{self.prefix}{project}/user_input"
+
+    def user_input_sessions(self, project: str) -> str:
+        """Request topic variant with the session in the topic (subscription filter)."""
+        return f"{self.prefix}{project}/user_input/+"
+
+    def classic_reply(self, project: str, session_id: str) -> str:
+        """Classic reply topic."""
+        return f"{self.prefix}{project}/assistant_response/{session_id}"
+
+    def v2_reply(self, project: str, who: str) -> str:
+        """v2 reply topic (clientId, else sessionId)."""
+        return f"{self.prefix}{project}/response/{who}"
+
+    def cancel(self, project: str) -> str:
+        """Cancellation topic."""
+        return f"{self.prefix}{project}/cancel"
+
+    def session_reset(self, project: str) -> str:
+        """Session-reset topic."""
+        return f"{self.prefix}{project}/session/reset"
+
+    def control_kind(self, topic: str) -> tuple[str, str] | None:
+        """("cancel" | "reset", project) for a control topic, else None."""
+        if not topic.startswith(self.prefix):
+            return None
+        parts = topic[len(self.prefix) :].split("/")
+        if len(parts) == 2 and parts[1] == "cancel":  # noqa: PLR2004 - {project}/cancel
+            return "cancel", parts[0]
+        if parts[1:] == ["session", "reset"]:
+            return "reset", parts[0]
+        return None
+
+    def reply_prefix(self, project: str, dialect: Dialect) -> str:
+        """Where a payload `replyTopic` must live for its dialect."""
+        kind = "assistant_response" if dialect is Dialect.CLASSIC else "response"
+        return f"{self.prefix}{project}/{kind}/"
+
+    def split_request(self, topic: str) -> tuple[str, str | None] | None:
+        """(project, session-in-topic) of a request topic, or None when it is not one."""
+        if not topic.startswith(self.prefix):
+            return None
+        parts = topic[len(self.prefix) :].split("/")
+        if len(parts) == 2 and parts[1] == "user_input":  # noqa: PLR2004 - {project}/user_input
+            return parts[0], None
+        if len(parts) == 3 and parts[1] == "user_input":  # noqa: PLR2004 - {project}/user_input/{session}
+            return parts[0], parts[2]
+        return None
+
+
+def is_valid_id(value: object) -> bool:
+    """PROTOCOL id: 1-128 chars of [A-Za-z0-9_.:-]."""
+    return isinstance(value, str) and ID_RE.fullmatch(value) is not None
+
+
+def is_safe_topic(topic: object) -> bool:
+    """A publishable, non-system topic: no wildcards, no NUL, not `$...`, bounded length."""
+    return (
+        isinstance(topic, str)
+        and 0 < len(topic) <= MAX_TOPIC_CHARS
+        and not topic.startswith("$")
+        and not any(c in topic for c in "+#\x00")
+    )
+
+
+def is_reply_topic(topic: object, prefix: str) -> bool:
+    """A safe topic strictly under `prefix` (a project's reply namespace: what the worker's ACL grants)."""
+    return is_safe_topic(topic) and str(topic).startswith(prefix) and len(str(topic)) > len(prefix)

@@ -1,0 +1,133 @@
+"""`serve(job)`: the request path, top to bottom, with one error mapping (DESIGN section 1).
+
+session turn -> prompt (history, template, token trim) -> engine -> stream chunks -> final reply ->
+record the turn. The deadline covers the whole path, waiting for the session's turn included. Whatever
+happens, the job ends with exactly one final reply, or deliberately none (a classic client's cancel, a
+job left for redelivery by the drain); cancellation is always re-raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from worker.engine.base import Engine, Prompt
+from worker.errors import (
+    EngineDeadError,
+    EngineError,
+    ExpiredError,
+    RequestCancelledError,
+    ShuttingDownError,
+    WorkerError,
+)
+from worker.jobs import Job
+from worker.protocol import Dialect, Request, visible_text
+from worker.replies import Outcome, Replier, Stream
+from worker.sessions import SessionStore
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    """What `serve` needs: the steps of the path and the few settings that change it."""
+
+    engine: Engine
+    sessions: SessionStore
+    replier: Replier
+    counters: Counter[tuple[str, str]]
+    on_engine_death: Callable[[], None]
+    ignore_eos: bool = False
+    """Benchmarks: every answer runs to maxTokens."""
+    priority_scheduling: bool = False
+    """Pass the request's priority to the engine (else 0: fcfs)."""
+    hold_for_redelivery: bool = False
+    """Share group: a job stopped by the drain is left unacked for redelivery rather than answered."""
+
+
+async def serve(job: Job, p: Pipeline) -> None:
+    """The request path; see the module docstring."""
+    request = job.request
+    stream = p.replier.stream(request)
+    log.debug("request.accepted", project=request.route.project, request_id=request.request_id, text=request.message)
+    try:
+        async with asyncio.timeout(_remaining_s(request)):
+            async with p.sessions.turn(request):
+                prompt = await p.sessions.build_prompt(request)
+                outcome = await _generate(p, request, prompt, stream)
+                await p.sessions.record(request, outcome.text)
+        job.final = await stream.finish(outcome)
+        log.info(
+            "request.done",
+            project=request.route.project,
+            request_id=request.request_id,
+            ttft_ms=outcome.ttft_ms,
+            total_ms=outcome.total_ms,
+            tokens=outcome.completion_tokens,
+        )
+    except TimeoutError:
+        await _fail(job, stream, p, ExpiredError(f"deadline of {request.deadline_ms} ms passed"))
+    except WorkerError as err:
+        await _fail(job, stream, p, err)
+    except EngineDeadError:
+        p.on_engine_death()
+        await _fail(job, stream, p, EngineError("the engine stopped"))
+    except asyncio.CancelledError:
+        reason = job.cancel_reason or ShuttingDownError()
+        if isinstance(reason, RequestCancelledError) and request.route.dialect is Dialect.CLASSIC:
+            p.counters[(request.route.project, "cancelled")] += 1  # classic: nothing further (PROTOCOL 4)
+            job.finished_silently = True
+        elif isinstance(reason, ShuttingDownError) and p.hold_for_redelivery:
+            p.counters[(request.route.project, "left_for_redelivery")] += 1  # unacked: back after a restart
+        else:
+            await _fail(job, stream, p, reason)
+        raise
+    except Exception:
+        p.counters[(request.route.project, "internal_errors")] += 1  # a bug of ours: the battery asserts 0
+        log.exception("request.failed", request_id=request.request_id)
+        await _fail(job, stream, p, EngineError())
+
+
+async def _generate(p: Pipeline, request: Request, prompt: Prompt, stream: Stream) -> Outcome:
+    tokens = cached = 0
+    finish = "stop"
+    started = time.monotonic()
+    first_token_at: float | None = None
+    sampling = dataclasses.replace(request.sampling, ignore_eos=True) if p.ignore_eos else request.sampling
+    priority = request.priority if p.priority_scheduling else 0
+    async for delta in p.engine.generate(prompt, sampling, request.request_id, priority):
+        if first_token_at is None and delta.new_tokens:
+            first_token_at = time.monotonic()
+        tokens += delta.new_tokens
+        cached = max(cached, delta.cached_tokens)
+        finish = delta.finish_reason or finish
+        await stream.feed(delta.text, delta.new_tokens)
+    now = time.monotonic()
+    return Outcome(
+        text=visible_text(request.project, stream.raw_text),
+        finish_reason=finish,
+        prompt_tokens=len(prompt.token_ids),
+        completion_tokens=tokens,
+        cached_tokens=cached,
+        queue_ms=round((started - request.received_at) * 1000),
+        ttft_ms=round(((first_token_at or now) - request.received_at) * 1000),
+        total_ms=round((now - request.received_at) * 1000),
+    )
+
+
+async def _fail(job: Job, stream: Stream, p: Pipeline, error: WorkerError) -> None:
+    p.counters[(stream.route.project, "errors")] += 1
+    log.info("request.failed_reply", project=stream.route.project, code=str(error.code))
+    job.final = await stream.fail(error)
+
+
+def _remaining_s(request: Request) -> float | None:
+    if request.deadline_ms is None:
+        return None
+    return request.deadline_ms / 1000 - (time.monotonic() - request.received_at)

@@ -1,0 +1,137 @@
+"""`StatusReporter`: the worker's retained status, its periodic telemetry and the engine health check.
+
+Status (`starting|ready|draining|offline`, retained, QoS 1) and telemetry (QoS 0) are what fleet views
+and dashboards read (PROTOCOL section 6); collection that blocks (NVML, /proc) runs off the event loop.
+The health loop notices an engine that died while idle and calls `on_engine_death` (fatal: drain, exit 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import structlog
+
+from worker import __version__
+from worker.bus import Bus
+from worker.config import WorkerConfig
+from worker.engine.base import Engine
+from worker.errors import EngineDeadError
+from worker.reports import ProjectReport, State, StatusReport, TelemetryReport
+from worker.sessions import SessionStore
+from worker.telemetry import GpuProbe, collect_process, engine_report, process_tree_pids
+
+log = structlog.get_logger(__name__)
+
+HEALTH_INTERVAL_S = 2.0
+
+
+class StatusReporter:
+    """See the module docstring. `bus`, `sessions` and `engine_ready` are set as the worker comes up."""
+
+    def __init__(
+        self,
+        cfg: WorkerConfig,
+        worker_id: str,
+        projects: list[str],
+        engine: Engine,
+        counters: Counter[tuple[str, str]],
+    ) -> None:
+        self._cfg = cfg
+        self.worker_id = worker_id
+        self._projects = projects
+        self._engine = engine
+        self._counters = counters
+        prefix = cfg.worker.topic_prefix
+        self.status_topic = f"{prefix}vllm-worker/{worker_id}/status"
+        self.telemetry_topic = f"{prefix}vllm-worker/{worker_id}/telemetry"
+        self.gpus = GpuProbe()
+        self.started = time.monotonic()
+        self.bus: Bus | None = None
+        self.sessions: SessionStore | None = None
+        self.engine_ready = False
+
+    def _model_name(self) -> str:
+        if self.engine_ready:  # report what the engine actually loaded
+            return self._engine.model_name
+        return self._cfg.model.name or self._cfg.model.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def _quantization(self) -> str:
+        return self._engine.quantization if self.engine_ready else self._cfg.model.quantization
+
+    def status_payload(self, state: State) -> bytes:
+        """The retained status message for `state` (also the Last Will's, for `offline`)."""
+        return StatusReport(
+            state=state,
+            worker=self.worker_id,
+            projects=self._projects,
+            model=self._model_name(),
+            quantization=self._quantization(),
+            version=__version__,
+            since=_now_iso(),
+        ).to_json()
+
+    async def publish_status(self, state: State) -> None:
+        """Publish the status; a broker that is away for 5 s costs a warning, not the worker."""
+        if self.bus is None:
+            return
+        try:
+            async with asyncio.timeout(5):
+                await self.bus.publish(self.status_topic, self.status_payload(state), qos=1, retain=True)
+        except (TimeoutError, RuntimeError):
+            log.warning("status.not_published", state=state)
+
+    async def telemetry(self) -> TelemetryReport:
+        """One telemetry snapshot; blocking collection (NVML, /proc) runs off the event loop."""
+        pids = await asyncio.to_thread(process_tree_pids)
+        gpus = await asyncio.to_thread(self.gpus.collect, pids)
+        process = await asyncio.to_thread(collect_process, self.started)
+        projects = {
+            name: ProjectReport(
+                requests=self._counters[(name, "requests")],
+                errors=self._counters[(name, "errors")],
+                rejected=self._counters[(name, "rejected")],
+                sessions=self.sessions.count(name) if self.sessions else 0,
+            )
+            for name in self._projects
+        }
+        return TelemetryReport(
+            ts=_now_iso(),
+            worker=self.worker_id,
+            model=self._model_name(),
+            quantization=self._quantization(),
+            gpus=gpus,
+            engine=engine_report(self._engine.stats()),
+            projects=projects,
+            process=process,
+        )
+
+    async def telemetry_loop(self) -> None:
+        """Publish telemetry every `telemetry_interval_s` (and per project, when configured)."""
+        assert self.bus is not None  # noqa: S101 - started after the bus is up
+        prefix = self._cfg.worker.topic_prefix
+        while True:
+            report = await self.telemetry()
+            await self.bus.publish(self.telemetry_topic, report.to_json(), qos=0)
+            if self._cfg.worker.project_telemetry:
+                for name, counters in report.projects.items():
+                    narrowed = report.model_copy(update={"projects": {name: counters}})
+                    await self.bus.publish(f"{prefix}{name}/telemetry", narrowed.to_json(), qos=0)
+            await asyncio.sleep(self._cfg.worker.telemetry_interval_s)
+
+    async def health_loop(self, on_engine_death: Callable[[], None]) -> None:
+        """Check the engine every HEALTH_INTERVAL_S; a dead engine is fatal (the loop then ends)."""
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            try:
+                await self._engine.check_health()
+            except EngineDeadError:
+                on_engine_death()
+                await asyncio.Event().wait()  # the worker is stopping: wait to be cancelled, never "end"
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
