@@ -94,6 +94,10 @@ class Engine(Protocol):
         """Latest engine statistics."""
         ...
 
+    def inflight(self) -> int:
+        """Requests the engine holds right now (running or waiting); an aborted one no longer counts."""
+        ...
+
     async def check_health(self) -> None:
         """Raise `EngineDeadError` when the engine is gone (its process died)."""
         ...

@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Self
 
 from worker.engine.base import Delta, EngineStats, Prompt
-from worker.errors import EngineDeadError, EngineError
+from worker.errors import BadRequestError, EngineDeadError, EngineError
 from worker.protocol.messages import ChatMessage, Sampling
 
 Script = Callable[[Prompt], str]
@@ -100,9 +100,17 @@ class FakeEngine:
     async def generate(
         self, prompt: Prompt, sampling: Sampling, request_id: str, priority: int = 0
     ) -> AsyncIterator[Delta]:
-        """Yield the scripted answer word by word (a schema-shaped JSON object when a schema is given)."""
+        """Yield the scripted answer word by word (a schema-shaped JSON object when a schema is given).
+
+        Like vLLM: a prompt that leaves no room in the context is a `BadRequestError`; the answer ends
+        before the first stop string (finish "stop"), or after `max_tokens` words (finish "length").
+        """
+        if len(prompt.token_ids) >= self._max_model_len:
+            raise BadRequestError(f"prompt of {len(prompt.token_ids)} tokens leaves no room in {self._max_model_len}")
         self.priorities.append(priority)
         answer = schema_example(sampling.json_schema) if sampling.json_schema else self._script(prompt)
+        cuts = [i for stop in sampling.stop if (i := answer.find(stop)) >= 0]
+        answer = answer[: min(cuts)] if cuts else answer
         words = answer.split(" ")
         limit = min(len(words), sampling.max_tokens)
         self.running += 1
@@ -137,3 +145,7 @@ class FakeEngine:
     def stats(self) -> EngineStats:
         """Running count only: the fake has no KV cache."""
         return EngineStats(running=self.running)
+
+    def inflight(self) -> int:
+        """Requests generating right now (a cancelled consumer is counted out at once)."""
+        return self.running

@@ -251,6 +251,10 @@ class VllmEngine:
         """Aggregated vLLM stat-logger data (running, waiting, KV usage, rates, TTFT/TPOT p50)."""
         return self._stats.snapshot()
 
+    def inflight(self) -> int:
+        """Unfinished requests in AsyncLLM's output processor (an abort removes its request)."""
+        return 0 if self._llm is None else int(self._llm.get_num_unfinished_requests())
+
 
 def _device() -> Device:
     from vllm.platforms import current_platform  # noqa: PLC0415
