@@ -72,12 +72,18 @@ async def peer(
         p = Peer(bus)
         p._reader = asyncio.create_task(p._read())
         if topics:
-            await bus.subscribe(topics)
-            await asyncio.sleep(0.05)  # SUBACK before the first publish (paho does not expose it per call)
+            await bus.subscribe(topics)  # returns once the broker granted them (SUBACK)
         try:
             yield p
         finally:
             p._reader.cancel()
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait for a condition the code under test exposes (an engine counter, a received message)."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 - polls plain counters that have no event
+            await asyncio.sleep(0.005)
 
 
 @dataclass

@@ -26,13 +26,13 @@ async def test_engine_core_killed_mid_request_gives_engine_error_and_exit_1():
         assert core, "expected vLLM's EngineCore child process"
         async with peer(w.port, ["vllm-worker/doomed/status"], client_id="death-watch") as watch:
             async with Client(BrokerConfig(url=f"mqtt://127.0.0.1:{w.port}")) as client:
-                ask = asyncio.create_task(
-                    client.ask("general", "Tell a very long story.", maxTokens=1500, timeout_s=60)
-                )
-                await asyncio.sleep(2.0)
-                for proc in core:
-                    proc.kill()
-                reply = await ask
+                reply = None
+                async for chunk in client.stream("general", "Tell a very long story.", maxTokens=1500, timeout_s=60):
+                    if chunk.seq == 1:  # the first chunk: it is generating now
+                        for proc in core:
+                            proc.kill()
+                    reply = chunk.reply
+                assert reply is not None
             code = await asyncio.to_thread(w.proc.wait, 30)
             await watch.wait_for(lambda got: any(json.loads(m.payload)["state"] == "offline" for m in got))
     assert reply.error_code == "engine_error"

@@ -122,18 +122,15 @@ async def test_json_schema_structured_output_on_the_real_engine(worker_process: 
 
 async def test_cancel_aborts_on_the_real_engine(worker_process: WorkerProcess):
     async with Client(BrokerConfig(url=f"mqtt://127.0.0.1:{worker_process.port}")) as client:
-        ask = asyncio.create_task(
-            client.ask(
-                "general",
-                "Write a long story.",
-                session="cancel",
-                maxTokens=1500,
-                request_id="e2e-cancel",
-            )
+        chunks = client.stream(
+            "general", "Write a long story.", session="cancel", maxTokens=1500, request_id="e2e-cancel"
         )
-        await asyncio.sleep(1.0)
-        await client.cancel("general", "e2e-cancel")
-        reply = await ask
+        reply = None
+        async for chunk in chunks:
+            if chunk.seq == 1:  # the first chunk: it is generating now
+                await client.cancel("general", "e2e-cancel")
+            reply = chunk.reply
+    assert reply is not None
     assert reply.error_code == "cancelled"
 
 

@@ -14,7 +14,7 @@ from collections import Counter
 import psutil
 import pytest
 from structlog.testing import capture_logs
-from support import ROOT, Mosquitto, peer, running_worker, worker_subprocess
+from support import ROOT, Mosquitto, peer, running_worker, until, worker_subprocess
 
 from worker.client import Client
 from worker.config import BrokerConfig, load
@@ -24,16 +24,20 @@ from worker.errors import ConfigError
 pytestmark = pytest.mark.faults
 
 
-def final_bodies(received) -> list[dict]:
+def bodies(received) -> list[dict]:
     out = []
     for m in received:
         try:
             body = json.loads(m.payload)
         except (ValueError, UnicodeDecodeError):
             continue
-        if isinstance(body, dict) and body.get("done"):
+        if isinstance(body, dict):
             out.append(body)
     return out
+
+
+def final_bodies(received) -> list[dict]:
+    return [b for b in bodies(received) if b.get("done")]
 
 
 def exactly_once(received, ids) -> None:
@@ -57,8 +61,11 @@ async def test_01_broker_restart_mid_generation_loses_nothing(mosquitto):
         running_worker(engine, projects=["general"], broker_url=mosquitto.url),
         Client(BrokerConfig(url=mosquitto.url), client_id="bat", persistent=True) as c,
     ):
-        asks = [asyncio.create_task(c.ask("general", "a b c d", request_id=f"r{i}", timeout_s=60)) for i in range(4)]
-        await asyncio.sleep(0.4)
+        asks = [
+            asyncio.create_task(c.ask("general", "a b c d", session=f"s{i}", request_id=f"r{i}", timeout_s=60))
+            for i in range(4)
+        ]
+        await until(lambda: engine.running == 4)  # all four mid-generation
         await asyncio.to_thread(mosquitto.restart)
         replies = await asyncio.gather(*asks)
     assert all(r.ok for r in replies)  # expected: every reply arrives after the reconnect
@@ -73,8 +80,9 @@ async def test_02_worker_sigkill_goes_offline_and_grouped_requests_are_redeliver
                 timeout_s=30,
             )
             for i in range(3):
-                await p.publish("general/user_input", v2(i))
-            await asyncio.sleep(0.3)
+                await p.publish("general/user_input", v2(i, stream=True))
+            # the first chunk of each: all three are mid-generation (none can have finished: 0.2 s a word)
+            await p.wait_for(lambda got: {b["requestId"] for b in bodies(got) if "delta" in b} >= {"r0", "r1", "r2"})
             a.send_signal(signal.SIGKILL)
             a.wait(10)
         await p.wait_for(
@@ -82,8 +90,9 @@ async def test_02_worker_sigkill_goes_offline_and_grouped_requests_are_redeliver
         )  # expected: Last Will
         with worker_subprocess(mosquitto.url, "kill-a", ["general"], **slow):
             await p.wait_for(lambda got: len(final_bodies(got)) >= 3, timeout_s=60)  # expected: redelivery
-            await asyncio.sleep(0.5)
-    exactly_once(p.received, [f"r{i}" for i in range(3)])
+            await p.publish("general/user_input", v2("late", message="a b c d e f g h"))  # finishes after any dup
+            await p.wait_for(lambda got: any(b["requestId"] == "rlate" for b in final_bodies(got)), timeout_s=30)
+    exactly_once(p.received, [*(f"r{i}" for i in range(3)), "rlate"])
 
 
 async def test_03_duplicate_qos1_delivery_generates_once_and_resends_the_cached_reply():
@@ -119,8 +128,7 @@ async def test_04_08_bad_input_gets_one_typed_error_and_the_worker_keeps_serving
         await p.publish("maze/user_input", payload)
         await p.wait_for(lambda got: len(got) >= 1)
         await p.publish("maze/user_input", v2("after"))
-        await p.wait_for(lambda got: len(got) >= 2)
-        await asyncio.sleep(0.2)
+        await p.wait_for(lambda got: len(got) >= 2)  # "after" came last: nothing else is on its way
     errors = [b["error"]["code"] for b in final_bodies(p.received) if "error" in b]
     # an unparseable payload cannot say it is v2: it gets the classic error on the default session
     errors += ["bad_request" for m in p.received if m.payload.startswith(b"Error: Bad request")]
@@ -135,8 +143,7 @@ async def test_07_unserved_project_topic_is_not_answered_by_this_worker():
     async with running_worker(projects=["maze"]) as w, peer(w.port, ["+/response/+", "+/assistant_response/+"]) as p:
         await p.publish("racing/user_input", v2("other"))
         await p.publish("maze/user_input", v2("mine"))
-        await p.wait_for(lambda got: len(got) >= 1)
-        await asyncio.sleep(0.3)
+        await p.wait_for(lambda got: len(got) >= 1)  # an answer to racing would have come first
     assert [m.topic for m in p.received] == ["maze/response/bat"]  # racing is another worker's business
 
 
@@ -146,8 +153,7 @@ async def test_09_hostile_ids_never_reach_a_topic(bad_id):
         await p.publish("maze/user_input", {"message": "hi", "sessionId": bad_id})
         await p.publish("maze/user_input", v2("x", requestId=bad_id))
         await p.publish("maze/user_input", v2("ok"))
-        await p.wait_for(lambda got: any(b"echo 1: m ok" in m.payload for m in got))
-        await asyncio.sleep(0.3)
+        await p.wait_for(lambda got: any(b"echo 1: m ok" in m.payload for m in got))  # published last
     for m in p.received:
         assert bad_id not in m.topic
         assert "+" not in m.topic
@@ -198,7 +204,7 @@ async def test_12_engine_death_answers_engine_error_and_exits_non_zero():
     engine = FakeEngine(token_delay_s=0.1)
     async with running_worker(engine, projects=["general"]) as w, peer(w.port, ["general/response/+"]) as p:
         await p.publish("general/user_input", v2(1, message="a b c d e f g"))
-        await asyncio.sleep(0.2)
+        await until(lambda: engine.running == 1)
         engine.dead = True
         await p.wait_for(lambda got: len(got) >= 1)
         code = await asyncio.wait_for(w.task, 20)
@@ -213,7 +219,7 @@ async def test_13_sigterm_drain_answers_what_it_cannot_finish_shutting_down():
         peer(w.port, ["general/response/+"]) as p,
     ):
         await p.publish("general/user_input", v2(1, message="a b c d e f"))
-        await asyncio.sleep(0.2)
+        await until(lambda: engine.running == 1)
         w.stop.set()
         await p.wait_for(lambda got: len(got) >= 1)
     assert final_bodies(p.received)[0]["error"]["code"] == "shutting_down"  # no share group: answered

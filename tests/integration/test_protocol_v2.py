@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from support import Mosquitto, peer, running_worker
+from support import Mosquitto, peer, running_worker, until
 
 from worker.client import Client
 from worker.config import BrokerConfig
@@ -88,8 +88,7 @@ async def test_classic_request_never_streams():
     engine = FakeEngine(script=words_script)
     async with running_worker(engine) as w, peer(w.port, ["maze/assistant_response/+"]) as p:
         await p.publish("maze/user_input", {"message": "go", "stream": True, "maxTokens": 100})
-        await p.wait_for(lambda got: len(got) >= 1)
-        await asyncio.sleep(0.2)
+        await p.wait_for(lambda got: len(got) >= 1)  # chunks, if any, would have come before the final
     assert [m.payload.decode() for m in p.received] == [WORDS]
 
 
@@ -97,7 +96,7 @@ async def test_cancel_aborts_the_engine_request_and_replies_cancelled():
     engine = FakeEngine(script=words_script, token_delay_s=0.05)
     async with running_worker(engine) as w, client_for(w.port) as c:
         ask = asyncio.create_task(c.ask("maze", "go", request_id="to-cancel", maxTokens=100))
-        await asyncio.sleep(0.3)
+        await until(lambda: engine.running == 1)
         await c.cancel("maze", "to-cancel")
         reply = await ask
     assert reply.error_code == "cancelled"
@@ -112,7 +111,7 @@ async def test_cancel_from_another_client_is_refused():
         client_for(w.port, "intruder") as other,
     ):
         ask = asyncio.create_task(owner.ask("maze", "a b c", request_id="mine"))
-        await asyncio.sleep(0.15)
+        await until(lambda: engine.running == 1)
         await other.cancel("maze", "mine")
         reply = await ask
     assert reply.ok
@@ -123,11 +122,13 @@ async def test_classic_cancel_aborts_without_a_further_reply():
     engine = FakeEngine(script=words_script, token_delay_s=0.05)
     async with running_worker(engine) as w, peer(w.port, ["maze/assistant_response/+"]) as p:
         await p.publish("maze/user_input", {"message": "go", "sessionId": "s", "requestId": "classic-1"})
-        await asyncio.sleep(0.3)
+        await until(lambda: engine.running == 1)
         await p.publish("maze/cancel", {"requestId": "classic-1"})
-        await asyncio.sleep(0.5)
-    assert engine.aborted == ["classic-1"]
-    assert p.received == []  # PROTOCOL 4: classic gets nothing further
+        await until(lambda: engine.aborted == ["classic-1"])
+        # a later request's answer: anything the cancelled one wrongly sent would have come before it
+        await p.publish("maze/user_input", {"message": "later", "sessionId": "t", "maxTokens": 100})
+        await p.wait_for(lambda got: len(got) >= 1)
+    assert [m.topic for m in p.received] == ["maze/assistant_response/t"]  # PROTOCOL 4: classic gets nothing
 
 
 async def test_session_reset_forgets_history_and_confirms_in_v2():
@@ -178,7 +179,7 @@ async def test_fair_share_keeps_room_for_the_other_project():
     engine = FakeEngine(token_delay_s=0.3)
     async with running_worker(engine, worker={"max_inflight": 4}) as w, client_for(w.port) as c:
         maze = [asyncio.create_task(c.ask("maze", "a b", session=f"m{i}")) for i in range(4)]
-        await asyncio.sleep(0.1)
+        await until(lambda: engine.running == 2)  # maze's guaranteed share is running
         driving = [asyncio.create_task(c.ask("driving", "a b", session=f"d{i}")) for i in range(2)]
         maze_replies, driving_replies = await asyncio.gather(asyncio.gather(*maze), asyncio.gather(*driving))
     assert sorted(r.error_code or "ok" for r in maze_replies) == ["ok", "ok", "overloaded", "overloaded"]

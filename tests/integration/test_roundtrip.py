@@ -3,7 +3,7 @@
 import asyncio
 import json
 
-from support import peer, running_worker
+from support import peer, running_worker, until
 
 from worker.engine.fake import FakeEngine
 
@@ -60,8 +60,9 @@ async def test_bad_input_gets_one_classic_error_and_does_not_hurt_others():
         assert p.on("maze/assistant_response/default")[0].payload == b'echo 1: {"message": "broken json"'
         assert p.on("maze/assistant_response/ok")[0].payload.startswith(b"Error: Bad request")
         assert p.on("maze/assistant_response/good")[0].payload == b"echo 1: fine"
-        await asyncio.sleep(0.2)
-        assert len(p.received) == 3  # exactly one reply each
+        await p.publish("maze/user_input", {"message": "last", "sessionId": "last"})  # a later answer ...
+        await p.wait_for(lambda got: any(m.topic.endswith("/last") for m in got))
+        assert len(p.received) == 4  # ... and still exactly one reply each before it
 
 
 async def test_v2_reply_is_json_with_request_id():
@@ -102,8 +103,10 @@ async def test_duplicate_request_id_in_flight_is_generated_once():
         await p.publish("maze/user_input", body)
         await p.publish("maze/user_input", body)
         await p.wait_for(lambda got: len(got) >= 1)
-        await asyncio.sleep(0.4)
-        assert len(p.received) == 1
+        later = {"v": 2, "message": "a b c d e f g", "clientId": "c", "requestId": "after"}  # finishes later
+        await p.publish("maze/user_input", later)
+        await p.wait_for(lambda got: any(json.loads(m.payload)["requestId"] == "after" for m in got))
+        assert [json.loads(m.payload)["requestId"] for m in p.received] == ["dup-1", "after"]
 
 
 async def test_deadline_expires_with_typed_error_and_aborts_the_engine():
@@ -137,7 +140,7 @@ async def test_drain_answers_unfinished_requests_shutting_down():
         peer(w.port, ["maze/response/+"]) as p,
     ):
         await p.publish("maze/user_input", {"v": 2, "message": "a b c d", "clientId": "c", "requestId": "slow"})
-        await asyncio.sleep(0.2)
+        await until(lambda: engine.running == 1)
         w.stop.set()
         await p.wait_for(lambda got: len(got) >= 1)
         assert json.loads(p.received[0].payload)["error"]["code"] == "shutting_down"

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from support import DeployedMosquitto, Mosquitto, peer, running_worker, worker_subprocess
+from support import DeployedMosquitto, Mosquitto, peer, running_worker, until, worker_subprocess
 
 from worker.client import Client
 from worker.config import BrokerConfig
@@ -72,8 +72,9 @@ async def test_a_killed_workers_requests_are_redelivered_after_restart_exactly_o
                     for i in range(12)
                 ]
                 for body in bodies:
-                    await c._bus.publish("general/user_input", json.dumps(body).encode())
-            await asyncio.sleep(0.4)  # both workers are mid-generation
+                    await c._bus.publish("general/user_input", json.dumps({**body, "stream": True}).encode())
+            # a first chunk of r0 and r1 (round robin: one on each worker): both are mid-generation
+            await finals.wait_for(lambda got: {json.loads(m.payload)["requestId"] for m in got} >= {"r0", "r1"})
             b.send_signal(signal.SIGKILL)
             b.wait(10)
             with worker_subprocess(mosquitto.url, "crash-b", ["general"], **SLOW):  # same id: same session
@@ -84,10 +85,13 @@ async def test_a_killed_workers_requests_are_redelivered_after_restart_exactly_o
                     ),
                     timeout_s=60,
                 )
-                await asyncio.sleep(1.0)  # any duplicate would arrive now
+                async with Client(BrokerConfig(url=mosquitto.url), client_id="app") as c:  # one later answer each:
+                    late = [c.ask("general", "a b c d e f g h", request_id=f"late{i}", timeout_s=30) for i in range(2)]
+                    assert all(r.ok for r in await asyncio.gather(*late))  # a duplicate would have come first
     finals_by_id = Counter(json.loads(m.payload)["requestId"] for m in finals.received if json.loads(m.payload)["done"])
-    assert finals_by_id == Counter({f"r{i}": 1 for i in range(12)})
-    assert {json.loads(m.payload)["worker"] for m in finals.received} == {"crash-a", "crash-b"}
+    assert finals_by_id == Counter({**{f"r{i}": 1 for i in range(12)}, "late0": 1, "late1": 1})
+    workers = {json.loads(m.payload)["worker"] for m in finals.received if json.loads(m.payload)["done"]}
+    assert workers == {"crash-a", "crash-b"}
 
 
 async def test_sigterm_drains_and_leaves_unfinished_requests_for_redelivery(mosquitto):
@@ -99,8 +103,13 @@ async def test_sigterm_drains_and_leaves_unfinished_requests_for_redelivery(mosq
             await wait_ready(mosquitto.port, "drain-a")
             for i in range(4):
                 body = {"v": 2, "message": "a b c d e f", "sessionId": f"s{i}", "clientId": "app", "requestId": f"d{i}"}
-                await watch.publish("general/user_input", body)
-            await asyncio.sleep(0.3)
+                await watch.publish("general/user_input", {**body, "stream": True})
+            await watch.wait_for(  # a first chunk of each: all four are mid-generation
+                lambda got: (
+                    {f"d{i}" for i in range(4)}
+                    <= {json.loads(m.payload).get("requestId") for m in got if m.topic.startswith("general/response/")}
+                )
+            )
             a.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(a.wait, 20) == 0
         states = [json.loads(m.payload)["state"] for m in watch.received if m.topic.endswith("/status")]
@@ -148,7 +157,7 @@ async def test_broker_restart_mid_generation_replies_arrive_after_reconnect(mosq
     async with running_worker(engine, projects=["general"], broker_url=mosquitto.url):
         async with Client(BrokerConfig(url=mosquitto.url), client_id="steady", persistent=True) as c:
             ask = asyncio.create_task(c.ask("general", "a b c d e", request_id="through-restart", timeout_s=60))
-            await asyncio.sleep(0.5)
+            await until(lambda: engine.running == 1)
             await asyncio.to_thread(mosquitto.restart)
             reply = await ask
         assert reply.ok
@@ -179,7 +188,7 @@ async def test_auth_and_the_deployed_acl_grant_exactly_what_the_protocol_needs(s
             got = []
             snoop._inboxes["spy"] = asyncio.Queue()
             assert (await owner.ask("general", "private", request_id="spy", timeout_s=30)).ok
-            await asyncio.sleep(0.5)
+            assert (await snoop.ask("general", "mine", timeout_s=30)).ok  # its own answer comes after any leak
             got = list(snoop._inboxes["spy"]._queue)
         assert got == []
     with pytest.raises(Exception, match="refused the credentials"):

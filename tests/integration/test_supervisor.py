@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import psutil
-from support import MODEL_DIR, ROOT, free_port, peer
+from support import MODEL_DIR, ROOT, free_port, peer, wait_port
 
 from worker.client import Client
 from worker.config import BrokerConfig, load
@@ -60,7 +60,7 @@ async def test_supervisor_serves_each_model_restarts_a_dead_one_and_stops_cleanl
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        await asyncio.sleep(1.5)  # the supervisor's embedded broker comes up first
+        await asyncio.to_thread(wait_port, port, proc, 30)  # the supervisor's embedded broker comes up first
         async with peer(port, ["vllm-worker/+/status"], client_id="sv-watch") as watch:
             await watch.wait_for(lambda got: ready(got, "sv-m0") and ready(got, "sv-m1"), timeout_s=30)
             async with Client(BrokerConfig(url=f"mqtt://127.0.0.1:{port}")) as client:
