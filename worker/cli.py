@@ -170,8 +170,8 @@ async def _run(service: Any) -> int:  # noqa: ANN401 - Service, imported lazily
         if stop.is_set():
             say("second signal: exiting now")
             os._exit(128 + signum)
+        stop.set()  # first: nothing after this line may keep the worker from stopping
         say(f"{signal.Signals(signum).name} received: draining")
-        stop.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
@@ -423,6 +423,9 @@ def bench(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `vllm-worker` console script."""
+    from worker.log import guard_std_streams  # noqa: PLC0415 - keep `--help` fast
+
+    guard_std_streams()  # a closed stdout/stderr must never break shutdown or serving
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else "serve"
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv

@@ -6,11 +6,13 @@ Prompts and answers are logged only at DEBUG. Any key that looks like a secret i
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -20,6 +22,63 @@ SECRET_KEY = re.compile(
     r"(^|_)(pass|passwd|password|secret|token|api_?key|private_?key|key_?file|credentials?)$", re.IGNORECASE
 )
 REDACTED = "***"
+
+
+class SinkGuard:
+    """A stdout/stderr whose reader may vanish (`worker | head`, a log shipper that died).
+
+    A write to a closed pipe raises BrokenPipeError wherever it happens: in a signal handler it kept
+    SIGTERM from ever stopping the worker. Here the first failed write points the file descriptor at
+    /dev/null, so every later writer (print, logging, structlog, the interpreter's exit flush) succeeds
+    silently and shutdown and serving go on.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        """Write, or drop silently once the reader is gone."""
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):  # EPIPE, EIO, a closed file
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        """Flush, or drop silently once the reader is gone."""
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()  # drains the buffered text into /dev/null
+
+    def isatty(self) -> bool:
+        """Whether the underlying stream is a terminal."""
+        with contextlib.suppress(OSError, ValueError):
+            return self._stream.isatty()
+        return False
+
+    def fileno(self) -> int:
+        """The underlying descriptor (subprocesses inherit it)."""
+        return self._stream.fileno()
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - everything else is the wrapped stream's
+        return getattr(self._stream, name)
+
+
+def guard_std_streams() -> None:
+    """Make stdout and stderr survive a vanished reader (see `SinkGuard`); idempotent."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, SinkGuard):
+            setattr(sys, name, SinkGuard(stream))
 
 
 def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:  # noqa: ANN401

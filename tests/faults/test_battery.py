@@ -14,7 +14,7 @@ from collections import Counter
 import psutil
 import pytest
 from structlog.testing import capture_logs
-from support import ROOT, Mosquitto, peer, running_worker, until, worker_subprocess
+from support import ROOT, Mosquitto, free_port, peer, running_worker, until, worker_subprocess
 
 from worker.client import Client
 from worker.config import BrokerConfig, load
@@ -295,3 +295,29 @@ async def test_15_retained_status_leak_of_amqtt_is_contained_and_embedded_binds_
     assert all(m.topic.startswith("vllm-worker/") for m in leaked)  # documented limit (README)
     with pytest.raises(ConfigError, match="loopback"):
         load(None, {}, {"broker": {"embedded_host": "0.0.0.0"}})
+
+
+async def test_16_sigterm_stops_the_worker_after_its_log_reader_went_away():
+    """`vllm-worker | sed '/ready/q'`, or a log shipper that died: SIGTERM must still stop it, children too."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "worker", "--engine", "fake", "--projects", "maze", "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # like `sed '/ready/q'`: read until ready, then stop reading for good
+            if "vllm-worker: ready" in line:
+                break
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children, "expected the embedded broker's child process"
+        proc.stdout.close()
+        async with Client(BrokerConfig(url=f"mqtt://127.0.0.1:{port}")) as c:  # logs to the dead pipe
+            assert (await c.ask("maze", "still serving?", timeout_s=10)).ok
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert code == 0
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == []
