@@ -79,8 +79,10 @@ class EmbeddedBroker:
 
     def _spawn(self) -> int:
         cmd = [sys.executable, "-m", "worker.broker", "--host", self._host, "--port", str(self._port)]
+        # Its own session: a terminal's Ctrl-C (sent to the whole foreground group) must reach the worker
+        # only, which keeps the broker until it has published `draining` and `offline`, then closes stdin.
         self._proc = subprocess.Popen(  # noqa: S603 - our own module
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True, start_new_session=True
         )
         assert self._proc.stdout is not None  # noqa: S101
         line = self._proc.stdout.readline()  # "PORT <n>" once listening, or nothing if it failed

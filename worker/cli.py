@@ -123,6 +123,7 @@ def serve(argv: Sequence[str]) -> int:
     try:
         cfg = _config_from(args)
         log.setup(cfg.log)
+        log.quiet_engine(cfg.log.level)
         if cfg.models and args.model_index is None:
             return _supervise(cfg, args)
         if args.model_index is not None:
@@ -175,9 +176,21 @@ async def _run(service: Any) -> int:  # noqa: ANN401 - Service, imported lazily
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
-    code: int = await service.run(stop)
+    hint = asyncio.create_task(_next_steps(service))  # supervised: one line once ready, cancelled below
+    try:
+        code: int = await service.run(stop)
+    finally:
+        hint.cancel()
     say("stopped")
     return code
+
+
+async def _next_steps(service: Any) -> None:  # noqa: ANN401 - Service, imported lazily
+    """After `ready`, the commands a newcomer would try next."""
+    await service.ready.wait()
+    broker = f" --broker mqtt://127.0.0.1:{service.broker_port}" if service.broker_port not in (None, 1883) else ""
+    project = service.projects[0]
+    say(f"try: vllm-worker ask {project} 'Which way is out?'{broker}   |   vllm-worker fleet --once{broker}")
 
 
 def ask(argv: Sequence[str]) -> int:

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
@@ -112,3 +113,22 @@ def setup(cfg: LogConfig) -> None:
     logging.basicConfig(level=max(level, logging.INFO), stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
     for noisy in ("amqtt", "transitions"):  # amqtt logs each client's state machine at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def quiet_engine(level: str) -> None:
+    """Keep vLLM, torch and transformers to errors unless `--log-level debug` (then everything they say).
+
+    Their INFO and advice lines (engine config dump, Triton, NUMA, LD_PRELOAD, load progress bars) buried
+    the worker's own `ready`. Uses the libraries' own switches, set before vllm is imported so that its
+    engine-core child inherits them; explicit settings in the environment win.
+    """
+    debug = level == "debug"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if debug else "ERROR")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "INFO" if debug else "ERROR")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if debug else "error")
+    if debug:
+        return
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")  # the engine-core child
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("vllm", "transformers", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -61,6 +61,10 @@ def prepare_demo(out_dir: Path, dtype: str = "bfloat16", progress: Progress | No
     say("loading transformers")
     import torch  # noqa: PLC0415 - heavy; only needed for the one-off conversion
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    # Its GGUF "load in float32" advice is not for us: we dequantize once, on purpose, to `dtype`.
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
 
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,7 @@ from worker.protocol import (
     v2_error,
     v2_message,
 )
-
-OPEN, CLOSE = "<think>", "</think>"
+from worker.protocol.encode import CLOSE, OPEN
 
 
 class Publish(Protocol):

@@ -118,7 +118,7 @@ class Service:
         # MQTT 5 + a share group: N workers split each project, and a request is acked only once its
         # final reply is out, so a crashed worker's requests are redelivered when it comes back.
         self._grouped = bus.is_v5 and bool(self._cfg.worker.share_group)
-        if not self._grouped:
+        if not self._grouped and broker_cfg.url is not None:  # the embedded broker is single-box by design
             reason = "share_group is empty" if bus.is_v5 else "the broker speaks MQTT 3.1.1 only (amqtt?)"
             log.info("bus.scale_out_off", reason=reason, delivery="acked on acceptance")
         return bus
@@ -204,6 +204,11 @@ class Service:
             self._say("engine died: exiting with status 1")
         self.exit_code = 1
         self._stop.set()
+
+    @property
+    def projects(self) -> list[str]:
+        """The projects this worker serves."""
+        return list(self._projects)
 
     async def telemetry(self) -> TelemetryReport:
         """One telemetry snapshot (what the telemetry loop publishes)."""

@@ -40,7 +40,7 @@ class GpuProbe:
             self._nvml = pynvml
             self.available = True
         except Exception as exc:  # noqa: BLE001 - NVMLError_*, ImportError, OSError: all mean "no GPU"
-            log.warning("telemetry.no_gpu", reason=f"{type(exc).__name__}: {exc}")
+            log.info("telemetry.no_gpu", reason=f"{type(exc).__name__}: {exc}")  # a CPU host: normal
             self.available = False
         return self.available
 

@@ -130,6 +130,7 @@ class VllmEngine:
             enforce_eager=eager,
             enable_prefix_caching=cfg.enable_prefix_caching,
             scheduling_policy=cfg.scheduling_policy,
+            use_tqdm_on_load=os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper() in {"DEBUG", "INFO"},
         )
 
     def _start(self) -> None:

@@ -3,24 +3,42 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from worker.errors import WorkerError
 from worker.projects import Project
 from worker.protocol.messages import Route
 
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
+OPEN, CLOSE = "<think>", "</think>"
 
 
 def strip_reasoning(text: str) -> str:
-    """Remove `<think>...</think>` blocks (and a reasoning prefix whose opening tag was in the template)."""
-    text = _THINK_BLOCK.sub("", text)
-    if "</think>" in text:
-        text = text.rsplit("</think>", 1)[1]
-    if "<think>" in text:  # reasoning cut off by max_tokens: nothing after it is an answer
-        text = text.split("<think>", 1)[0]
-    return text.strip()
+    """Remove `<think>...</think>` blocks, in one pass from left to right (as a stream sees them).
+
+    A `</think>` with no opening tag means everything before it was reasoning whose tag sat in the
+    template; an unclosed `<think>` (cut off by maxTokens) hides the rest. Tags are matched as written:
+    removing a block never forms a new tag (a regex substitution would turn `<<think></think>think>` into
+    `<think>`), so the streamed text (`replies.VisibleText`) agrees with this one.
+    """
+    out: list[str] = []
+    pos, inside = 0, False
+    while True:
+        if inside:
+            end = text.find(CLOSE, pos)
+            if end < 0:
+                break
+            pos, inside = end + len(CLOSE), False
+            continue
+        start, stray = text.find(OPEN, pos), text.find(CLOSE, pos)
+        if stray >= 0 and (start < 0 or stray < start):
+            out, pos = [], stray + len(CLOSE)
+            continue
+        if start < 0:
+            out.append(text[pos:])
+            break
+        out.append(text[pos:start])
+        pos, inside = start + len(OPEN), True
+    return "".join(out).strip()
 
 
 def visible_text(project: Project, raw: str) -> str:
