@@ -19,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -84,6 +85,8 @@ async def main_async(minutes: float, interval_s: float) -> int:
     for line in proc.stderr:
         if "vllm-worker: ready" in line:
             break
+    # keep reading: a worker whose stderr pipe fills up blocks on its next log line
+    threading.Thread(target=lambda: all(True for _ in proc.stderr), daemon=True).start()
     stop = asyncio.Event()
     counter = [0, 0]
     task = asyncio.create_task(load(port, stop, counter))

@@ -8,9 +8,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import os
+import re
 import signal
 import sys
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -204,6 +207,11 @@ def ask(argv: Sequence[str]) -> int:
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument(
+        "--client-id",
+        default=None,
+        help="v2 clientId: sessions live in its namespace (default: the broker username, else cli-<user>)",
+    )
     args = p.parse_args(argv)
     from worker import log  # noqa: PLC0415
     from worker.client import Client  # noqa: PLC0415
@@ -214,12 +222,14 @@ def ask(argv: Sequence[str]) -> int:
     fields = {k: v for k, v in {"maxTokens": args.max_tokens, "temperature": args.temperature}.items() if v is not None}
 
     async def go() -> int:
+        username = os.environ.get("VLLM_WORKER_BROKER__USERNAME")
         broker = BrokerConfig(
-            url=args.broker,
-            username=os.environ.get("VLLM_WORKER_BROKER__USERNAME"),
-            password=os.environ.get("VLLM_WORKER_BROKER__PASSWORD"),
+            url=args.broker, username=username, password=os.environ.get("VLLM_WORKER_BROKER__PASSWORD")
         )
-        async with Client(broker) as client:
+        # One identity across invocations, so `--session s1` twice continues one conversation (v2 sessions
+        # live in their clientId's namespace); a fresh MQTT connection id each time, so two never collide.
+        client_id = args.client_id or username or _cli_identity()
+        async with Client(broker, client_id, connection_id=f"{client_id}-{uuid.uuid4().hex[:8]}") as client:
             if not args.stream:
                 reply = await client.ask(
                     args.project, args.message, session=args.session, timeout_s=args.timeout, **fields
@@ -251,6 +261,12 @@ def ask(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         say(f"error: {exc}")
         return EXIT_CONFIG
+
+
+def _cli_identity() -> str:
+    """`cli-<login name>`, reduced to the id alphabet of PROTOCOL section 1."""
+    user = re.sub(r"[^A-Za-z0-9_.:-]", "", getpass.getuser())[:60] or "user"
+    return f"cli-{user}"
 
 
 def model(argv: Sequence[str]) -> int:

@@ -60,11 +60,22 @@ class Client:
     """One MQTT connection; any number of concurrent requests."""
 
     def __init__(
-        self, broker: BrokerConfig, client_id: str | None = None, topic_prefix: str = "", *, persistent: bool = False
+        self,
+        broker: BrokerConfig,
+        client_id: str | None = None,
+        topic_prefix: str = "",
+        *,
+        persistent: bool = False,
+        connection_id: str | None = None,
     ) -> None:
-        """`persistent` (with a fixed `client_id`, MQTT 5): replies published while this client is away wait."""
+        """`client_id` is the v2 clientId (reply topic, session namespace) and, by default, the MQTT client id.
+
+        `persistent` (with a fixed `client_id`, MQTT 5): replies published while this client is away wait.
+        `connection_id`: another MQTT client id, e.g. for several processes of one identity (a broker that
+        forces client id = username, as the shipped deploy does, overrides it anyway).
+        """
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
-        self._bus = Bus(broker, self.client_id, persistent=persistent)
+        self._bus = Bus(broker, connection_id or self.client_id, persistent=persistent)
         self._topics = Topics(topic_prefix)
         self._subscribed: set[str] = set()
         self._inboxes: dict[str, asyncio.Queue[dict[str, Any]]] = {}

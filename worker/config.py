@@ -144,7 +144,7 @@ class WorkerSection(_Section):
     """Requests accepted at once (running + waiting in the engine); more get `overloaded`."""
     max_inflight_per_session: int = Field(8, gt=0)
     """Turns of one session accepted at once (they run one after another); more get `overloaded`."""
-    max_inflight_per_client: int = Field(64, gt=0)
+    max_inflight_per_client: int = Field(128, gt=0)
     """Requests of one client (v2 clientId, else sessionId) accepted at once; more get `overloaded`."""
     retry_after_ms: int = Field(500, ge=0)
     stream_interval_ms: int = Field(50, ge=0)
