@@ -45,7 +45,7 @@ ALLOWED: dict[str, set[str]] = {
     "telemetry": {"engine.base", "reports"},
     "admission": {"protocol", "errors", "config", "projects"},
     "sessions": {"protocol", "engine.base", "errors", "config"},
-    "replies": {"protocol", "errors"},
+    "replies": {"protocol", "protocol.encode", "errors"},
     "jobs": {"protocol", "errors", "message"},
     "serve": {"engine.base", "errors", "jobs", "protocol", "replies", "sessions"},
     "intake": {"admission", "errors", "jobs", "message", "projects", "protocol", "replies", "serve", "sessions"},
