@@ -10,7 +10,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from worker.engine.base import Delta, EngineStats, Prompt
 from worker.errors import BadRequestError, EngineDeadError, EngineError
@@ -61,7 +61,9 @@ class FakeEngine:
         self.running = 0
         self.max_running_seen = 0
         self.aborted: list[str] = []
+        """Request ids whose consumer cancelled them (the latest KEEP_HISTORY)."""
         self.priorities: list[int] = []
+        """Priorities requests arrived with (the latest KEEP_HISTORY)."""
         self.dead = False
 
     @property
@@ -107,7 +109,7 @@ class FakeEngine:
         """
         if len(prompt.token_ids) >= self._max_model_len:
             raise BadRequestError(f"prompt of {len(prompt.token_ids)} tokens leaves no room in {self._max_model_len}")
-        self.priorities.append(priority)
+        _remember(self.priorities, priority)
         answer = schema_example(sampling.json_schema) if sampling.json_schema else self._script(prompt)
         cuts = [i for stop in sampling.stop if (i := answer.find(stop)) >= 0]
         answer = answer[: min(cuts)] if cuts else answer
@@ -132,7 +134,7 @@ class FakeEngine:
                     prompt_tokens=len(prompt.token_ids),
                 )
         except asyncio.CancelledError:
-            self.aborted.append(request_id)
+            _remember(self.aborted, request_id)
             raise
         finally:
             self.running -= 1
@@ -149,3 +151,13 @@ class FakeEngine:
     def inflight(self) -> int:
         """Requests generating right now (a cancelled consumer is counted out at once)."""
         return self.running
+
+
+KEEP_HISTORY = 256
+"""What tests inspect is the recent past; a soak of millions of requests must not grow it (it did: 8 B each)."""
+
+
+def _remember(history: list[Any], item: object) -> None:
+    history.append(item)
+    if len(history) > 2 * KEEP_HISTORY:
+        del history[:-KEEP_HISTORY]
