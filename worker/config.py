@@ -6,14 +6,15 @@ parsed as JSON when they parse (numbers, booleans, lists) and taken as strings o
 
 from __future__ import annotations
 
-import json
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, create_model, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
+from pydantic_settings.sources.utils import parse_env_vars
 
 from worker.errors import ConfigError
 
@@ -207,6 +208,17 @@ class WorkerConfig(_Section):
         return self.model_copy(update={"model": model, "worker": worker, "models": []})
 
 
+_EnvShape = create_model(  # WorkerConfig's fields, read from the environment (see `_env_layer`)
+    "_EnvShape",
+    __base__=BaseSettings,
+    __config__=None,
+    **{name: (field.annotation, Field(default=None)) for name, field in WorkerConfig.model_fields.items()},  # type: ignore[call-overload]
+)
+_EnvShape.model_config = SettingsConfigDict(
+    env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False, extra="ignore"
+)
+
+
 def resolve_path(path: str) -> Path:
     """A relative path as given if it exists under the cwd, else under the checkout root."""
     p = Path(path).expanduser()
@@ -227,22 +239,26 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
-    layer: dict[str, Any] = {}
-    for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
-            continue
-        keys = name[len(ENV_PREFIX) :].lower().split("__")
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        if isinstance(value, dict):
-            value = raw  # a dict would silently replace a section; keep the string, let validation speak
-        node = layer
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    return layer
+    """The `VLLM_WORKER_<SECTION>__<FIELD>` variables of `env` as a nested dict of what they set.
+
+    Read by pydantic-settings (the ecosystem's convention: `__` nesting, JSON for lists and tables),
+    validated afterwards together with the other layers so precedence stays ours.
+    """
+    try:
+        return _EnvSource(env)()
+    except SettingsError as exc:
+        raise ConfigError(f"invalid environment variable: {exc}") from exc
+
+
+class _EnvSource(EnvSettingsSource):
+    """pydantic-settings' env source over a given mapping (tests and the CLI pass `os.environ`)."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+        super().__init__(_EnvShape)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._env, case_sensitive=False, ignore_empty=False, parse_none_str=None)
 
 
 def load(

@@ -150,3 +150,20 @@ def test_password_file_is_read_and_the_inline_password_wins(tmp_path):
     assert load(None, both, {}).broker.secret() == "inline"
     with pytest.raises(ConfigError, match="password_file"):
         load(None, {"VLLM_WORKER_BROKER__PASSWORD_FILE": str(tmp_path / "missing")}, {}).broker.secret()
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"VLLM_WORKER_MODEL__NO_SUCH_KNOB": "1"},  # unknown field: extra="forbid" still speaks
+        {"VLLM_WORKER_WORKER__PROJECTS": "[not json"},  # a list must be JSON
+    ],
+)
+def test_bad_environment_is_a_config_error(env):
+    with pytest.raises(ConfigError):
+        load(None, env, {})
+
+
+def test_environment_is_case_insensitive_and_ignores_other_variables():
+    cfg = load(None, {"vllm_worker_model__max_num_seqs": "5", "PATH": "/bin", "VLLM_WORKER_X": "1"}, {})
+    assert cfg.model.max_num_seqs == 5
