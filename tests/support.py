@@ -79,6 +79,21 @@ async def peer(
             p._reader.cancel()
 
 
+def bodies(received: list[InboundMessage], topic: str | None = None) -> list[dict[str, Any]]:
+    """The JSON-object payloads among `received` (optionally only those on `topic`)."""
+    out = []
+    for m in received:
+        if topic is not None and m.topic != topic:
+            continue
+        try:
+            body = json.loads(m.payload)
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(body, dict):
+            out.append(body)
+    return out
+
+
 async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
     """Wait for a condition the code under test exposes (an engine counter, a received message)."""
     async with asyncio.timeout(timeout_s):

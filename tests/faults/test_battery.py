@@ -14,7 +14,7 @@ from collections import Counter
 import psutil
 import pytest
 from structlog.testing import capture_logs
-from support import ROOT, Mosquitto, free_port, peer, running_worker, until, worker_subprocess
+from support import ROOT, Mosquitto, bodies, free_port, peer, running_worker, until, worker_subprocess
 
 from worker.client import Client
 from worker.config import BrokerConfig, load
@@ -22,18 +22,6 @@ from worker.engine.fake import FakeEngine
 from worker.errors import ConfigError
 
 pytestmark = pytest.mark.faults
-
-
-def bodies(received) -> list[dict]:
-    out = []
-    for m in received:
-        try:
-            body = json.loads(m.payload)
-        except (ValueError, UnicodeDecodeError):
-            continue
-        if isinstance(body, dict):
-            out.append(body)
-    return out
 
 
 def final_bodies(received) -> list[dict]:

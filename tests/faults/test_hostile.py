@@ -17,7 +17,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from structlog.testing import capture_logs
-from support import DeployedMosquitto, Mosquitto, Peer, peer, running_worker, worker_subprocess
+from support import DeployedMosquitto, Mosquitto, Peer, bodies, peer, running_worker, worker_subprocess
 
 from worker.bus import Bus
 from worker.config import BrokerConfig
@@ -34,20 +34,6 @@ def deep_schema(levels: int) -> dict[str, Any]:
     for _ in range(levels):
         schema = {"type": "object", "properties": {"a": schema}}
     return schema
-
-
-def bodies(received, topic: str | None = None) -> list[dict]:
-    out = []
-    for m in received:
-        if topic is not None and m.topic != topic:
-            continue
-        try:
-            body = json.loads(m.payload)
-        except (ValueError, UnicodeDecodeError):
-            continue
-        if isinstance(body, dict):
-            out.append(body)
-    return out
 
 
 def code_of(body: dict) -> str:
@@ -103,15 +89,15 @@ async def test_01_a_loop_that_dies_takes_the_worker_offline_with_status_1(monkey
             async def boom(*_args: object, where: str = loop) -> None:
                 raise RuntimeError(f"injected failure in {where}")
 
-            if loop == "intake":
-                assert w.service._bus is not None
-                monkeypatch.setattr(w.service._bus, "messages", boom)
-                await p.publish("maze/user_input", "wake the intake")  # it is waiting on the old call
-            elif loop == "telemetry":
-                monkeypatch.setattr(w.service._status, "telemetry", boom)
-            else:
-                monkeypatch.setattr(w.engine, "check_health", boom)
-            with capture_logs() as logs:
+            with capture_logs() as logs:  # before the injection: the intake fails as soon as it is woken
+                if loop == "intake":
+                    assert w.service._bus is not None
+                    monkeypatch.setattr(w.service._bus, "messages", boom)
+                    await p.publish("maze/user_input", "wake the intake")  # it is waiting on the old call
+                elif loop == "telemetry":
+                    monkeypatch.setattr(w.service._status, "telemetry", boom)
+                else:
+                    monkeypatch.setattr(w.engine, "check_health", boom)
                 code = await asyncio.wait_for(asyncio.shield(w.task), 20)
             await p.wait_for(lambda got: any(b"offline" in m.payload for m in got))
         assert code == 1, loop
