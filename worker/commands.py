@@ -1,0 +1,246 @@
+"""The client-side subcommands: `vllm-worker ask`, `fleet`, `plan` and `bench` (dispatched by `cli.main`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import os
+import re
+import signal
+import sys
+import uuid
+from collections.abc import Sequence
+
+from worker.config import ROOT, BrokerConfig
+from worker.errors import ConfigError
+from worker.terminal import EXIT_CONFIG, say
+
+
+def ask(argv: Sequence[str]) -> int:
+    """Publish one request and print the answer."""
+    p = argparse.ArgumentParser(prog="vllm-worker ask", description="Ask a project a question over MQTT.")
+    p.add_argument("project")
+    p.add_argument("message")
+    p.add_argument("--session", default="default")
+    p.add_argument("--broker", default=os.environ.get("VLLM_WORKER_BROKER__URL", "mqtt://127.0.0.1:1883"))
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument(
+        "--client-id",
+        default=None,
+        help="v2 clientId: sessions live in its namespace (default: the broker username, else cli-<user>)",
+    )
+    args = p.parse_args(argv)
+    from worker import log  # noqa: PLC0415
+    from worker.client import Client  # noqa: PLC0415
+    from worker.config import LogConfig  # noqa: PLC0415
+
+    log.setup(LogConfig(level="warning"))  # stdout carries only the answer
+
+    fields = {k: v for k, v in {"maxTokens": args.max_tokens, "temperature": args.temperature}.items() if v is not None}
+
+    async def go() -> int:
+        username = os.environ.get("VLLM_WORKER_BROKER__USERNAME")
+        broker = BrokerConfig(
+            url=args.broker, username=username, password=os.environ.get("VLLM_WORKER_BROKER__PASSWORD")
+        )
+        # One identity across invocations, so `--session s1` twice continues one conversation (v2 sessions
+        # live in their clientId's namespace); a fresh MQTT connection id each time, so two never collide.
+        client_id = args.client_id or username or _cli_identity()
+        async with Client(broker, client_id, connection_id=f"{client_id}-{uuid.uuid4().hex[:8]}") as client:
+            if not args.stream:
+                reply = await client.ask(
+                    args.project, args.message, session=args.session, timeout_s=args.timeout, **fields
+                )
+            else:
+                final = None
+                chunks = client.stream(
+                    args.project, args.message, session=args.session, timeout_s=args.timeout, **fields
+                )
+                async for chunk in chunks:
+                    print(chunk.delta, end="", flush=True)
+                    final = chunk.reply
+                assert final is not None  # noqa: S101 - a stream ends with its final chunk
+                reply = final
+                if reply.ok:
+                    print()
+                    return 0
+        if not reply.ok:
+            say(f"error {reply.error_code}: {reply.error_message}")
+            return 1
+        print(reply.text)
+        return 0
+
+    try:
+        return asyncio.run(go())
+    except TimeoutError:
+        say(f"no answer within {args.timeout:.0f} s (is a worker serving {args.project!r} on {args.broker}?)")
+        return 1
+    except ConfigError as exc:
+        say(f"error: {exc}")
+        return EXIT_CONFIG
+
+
+def _cli_identity() -> str:
+    """`cli-<login name>`, reduced to the id alphabet of PROTOCOL section 1."""
+    user = re.sub(r"[^A-Za-z0-9_.:-]", "", getpass.getuser())[:60] or "user"
+    return f"cli-{user}"
+
+
+def fleet(argv: Sequence[str]) -> int:
+    """Live table (or one JSON snapshot) of every worker seen on the broker."""
+    p = argparse.ArgumentParser(prog="vllm-worker fleet", description="Watch the workers on a broker.")
+    p.add_argument("--broker", default=os.environ.get("VLLM_WORKER_BROKER__URL", "mqtt://127.0.0.1:1883"))
+    p.add_argument("--topic-prefix", default="")
+    p.add_argument("--once", action="store_true", help="collect for --wait seconds, print once, exit")
+    p.add_argument("--json", action="store_true", help="with --once: print JSON instead of the table")
+    p.add_argument("--wait", type=float, default=6.0, help="seconds to listen with --once (default 6)")
+    p.add_argument("--prometheus", type=int, metavar="PORT", help="also serve /metrics on this port")
+    p.add_argument("--prometheus-host", default="127.0.0.1")
+    args = p.parse_args(argv)
+    from worker import log  # noqa: PLC0415
+    from worker.config import LogConfig  # noqa: PLC0415
+
+    log.setup(LogConfig(level="warning"))
+    try:
+        return asyncio.run(_fleet(args))
+    except ConfigError as exc:
+        say(f"error: {exc}")
+        return EXIT_CONFIG
+
+
+async def _fleet(args: argparse.Namespace) -> int:
+    import json  # noqa: PLC0415
+    import uuid  # noqa: PLC0415
+
+    from rich.console import Console  # noqa: PLC0415
+    from rich.live import Live  # noqa: PLC0415
+
+    from worker.bus import Bus  # noqa: PLC0415
+    from worker.fleet import FleetState, PrometheusCollector, render  # noqa: PLC0415
+
+    state = FleetState(topic_prefix=args.topic_prefix)
+    if args.prometheus:
+        from prometheus_client import REGISTRY, start_http_server  # noqa: PLC0415
+
+        REGISTRY.register(PrometheusCollector(state))
+        start_http_server(args.prometheus, addr=args.prometheus_host)
+        say(f"prometheus metrics on http://{args.prometheus_host}:{args.prometheus}/metrics")
+    broker = BrokerConfig(
+        url=args.broker,
+        username=os.environ.get("VLLM_WORKER_BROKER__USERNAME"),
+        password=os.environ.get("VLLM_WORKER_BROKER__PASSWORD"),
+    )
+    async with Bus(broker, f"fleet-{uuid.uuid4().hex[:8]}") as bus:
+
+        async def read() -> None:
+            while True:
+                msg = await bus.messages()
+                bus.ack(msg)
+                state.handle(msg.topic, msg.payload)
+
+        reader = asyncio.create_task(read())
+        await bus.subscribe(state.filters)
+        if args.once:
+            await asyncio.sleep(args.wait)
+            reader.cancel()
+            if args.json:
+                print(json.dumps(state.snapshot(), indent=2))
+            else:
+                Console(width=None if sys.stdout.isatty() else 160).print(render(state))
+            return 0
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        with Live(render(state), refresh_per_second=2, screen=False) as live:
+            while not stop.is_set():
+                live.update(render(state))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5)
+        reader.cancel()
+    return 0
+
+
+def plan(argv: Sequence[str]) -> int:
+    """VRAM planner: weights, KV cache and gpu_memory_utilization for models sharing one GPU."""
+    p = argparse.ArgumentParser(prog="vllm-worker plan", description="Plan GPU memory for one or more models.")
+    p.add_argument("models", nargs="+", help="local model dir or alias (config/models/), optionally :awq|gptq|fp8|bnb4")
+    p.add_argument("--gpu-mem", default="96GiB", help="GPU memory, e.g. 96GiB or 80GB")
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--kv-dtype", default="auto", help="auto|fp8")
+    p.add_argument("--min-seqs", type=int, default=4, help="full-length sequences each engine must hold")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    from worker import plan as planner  # noqa: PLC0415
+
+    try:
+        specs = [planner.load_spec(m) for m in args.models]
+        result = planner.plan(
+            specs,
+            planner.parse_size(args.gpu_mem),
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            kv_dtype=args.kv_dtype,
+            min_seqs=args.min_seqs,
+        )
+    except ConfigError as exc:
+        say(f"error: {exc}")
+        return EXIT_CONFIG
+    if args.json:
+        print(result.to_json())
+        return 0 if result.fits else 1
+    title = (
+        f"{result.gpu_mem_gib:.0f} GiB GPU ({result.usable_gib:.0f} usable), "
+        f"max_model_len {result.max_model_len}, KV {result.kv_dtype}"
+    )
+    table = Table(title=title)
+    for col in (
+        "model",
+        "method",
+        "params",
+        "weights",
+        "KV/token",
+        "KV/seq",
+        "overhead",
+        "gpu_memory_utilization",
+        "full seqs",
+    ):
+        table.add_column(col)
+    for m in result.models:
+        table.add_row(
+            m.name,
+            m.method,
+            f"{m.params_b:.1f}B",
+            f"{m.weights_gib:.1f} GiB",
+            f"{m.kv_bytes_per_token / 1024:.0f} KiB",
+            f"{m.kv_gib_per_seq:.2f} GiB",
+            f"{m.overhead_gib:.0f} GiB",
+            f"{m.gpu_memory_utilization:.3f}",
+            f"{m.max_full_seqs}/{result.max_num_seqs}",
+        )
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    console.print(table)
+    console.print("[green]fits[/green]" if result.fits else "[bold red]does not fit[/bold red]")
+    for line in result.advice:
+        console.print(f"- {line}")
+    return 0 if result.fits else 1
+
+
+def bench(argv: Sequence[str]) -> int:
+    """Run benchmarks/bench.py (needs the source checkout: it ships prompts and the legacy arm)."""
+    script = ROOT / "benchmarks" / "bench.py"
+    if not script.is_file():
+        say("vllm-worker bench runs from a source checkout (benchmarks/bench.py not found)")
+        return EXIT_CONFIG
+    import subprocess  # noqa: PLC0415
+
+    return subprocess.call([sys.executable, str(script), *argv])  # noqa: S603 - our own script
