@@ -25,7 +25,7 @@ from worker.protocol import (
     v2_error,
     v2_message,
 )
-from worker.protocol.encode import CLOSE, OPEN
+from worker.protocol.encode import ReasoningFilter
 
 
 class Publish(Protocol):
@@ -61,9 +61,7 @@ class VisibleText:
     """
 
     def __init__(self, strip_reasoning: bool) -> None:
-        self._strip = strip_reasoning
-        self._pending = ""
-        self._inside = False
+        self._reasoning = ReasoningFilter() if strip_reasoning else None
         self._started = False
         self._held_space = ""
         self.stopped = False
@@ -72,31 +70,12 @@ class VisibleText:
         """Add raw text; returns the newly visible text (possibly empty)."""
         if self.stopped:
             return ""
-        if not self._strip:
-            return self._emit(text)
-        self._pending += text
-        out: list[str] = []
-        while True:
-            if self._inside:
-                end = self._pending.find(CLOSE)
-                if end < 0:
-                    self._pending = self._pending[-(len(CLOSE) - 1) :]  # may hold the start of a tag
-                    break
-                self._pending, self._inside = self._pending[end + len(CLOSE) :], False
-                continue
-            start, stray = self._pending.find(OPEN), self._pending.find(CLOSE)
-            if stray >= 0 and (start < 0 or stray < start):
+        if self._reasoning is not None:
+            text, voided = self._reasoning.feed(text)
+            if voided:  # what was already sent cannot be taken back: stop, the final text decides
                 self.stopped = True
                 return ""
-            if start >= 0:
-                out.append(self._pending[:start])
-                self._pending, self._inside = self._pending[start + len(OPEN) :], True
-                continue
-            keep = _partial_tag(self._pending)
-            out.append(self._pending[: len(self._pending) - keep])
-            self._pending = self._pending[len(self._pending) - keep :]
-            break
-        return self._emit("".join(out))
+        return self._emit(text)
 
     def _emit(self, text: str) -> str:
         if not self._started:
@@ -108,15 +87,6 @@ class VisibleText:
         shown = text.rstrip()
         self._held_space = text[len(shown) :]
         return shown
-
-
-def _partial_tag(text: str) -> int:
-    """Length of the longest suffix of `text` that begins `<think>` or `</think>` (held back: a tag may follow)."""
-    for size in range(min(len(text), len(CLOSE) - 1), 0, -1):
-        tail = text[-size:]
-        if OPEN.startswith(tail) or CLOSE.startswith(tail):
-            return size
-    return 0
 
 
 class Stream:

@@ -12,33 +12,61 @@ from worker.protocol.messages import Route
 OPEN, CLOSE = "<think>", "</think>"
 
 
-def strip_reasoning(text: str) -> str:
-    """Remove `<think>...</think>` blocks, in one pass from left to right (as a stream sees them).
+class ReasoningFilter:
+    """Drops `<think>...</think>` blocks from text fed piece by piece, each character looked at once.
 
-    A `</think>` with no opening tag means everything before it was reasoning whose tag sat in the
-    template; an unclosed `<think>` (cut off by maxTokens) hides the rest. Tags are matched as written:
-    removing a block never forms a new tag (a regex substitution would turn `<<think></think>think>` into
-    `<think>`), so the streamed text (`replies.VisibleText`) agrees with this one.
+    Tags are matched as written, left to right: removing a block never forms a new tag (a regex
+    substitution would turn `<<think></think>think>` into `<think>`). An unclosed `<think>` (cut off by
+    maxTokens) hides the rest. A `</think>` with no opening tag means everything before it was reasoning
+    whose opening tag sat in the template: `feed` then says the text shown so far is void. The end of a
+    piece that may begin a tag is held back until the next piece (or `final`).
     """
-    out: list[str] = []
-    pos, inside = 0, False
-    while True:
-        if inside:
-            end = text.find(CLOSE, pos)
-            if end < 0:
-                break
-            pos, inside = end + len(CLOSE), False
-            continue
-        start, stray = text.find(OPEN, pos), text.find(CLOSE, pos)
-        if stray >= 0 and (start < 0 or stray < start):
-            out, pos = [], stray + len(CLOSE)
-            continue
-        if start < 0:
-            out.append(text[pos:])
+
+    def __init__(self) -> None:
+        self._pending = ""
+        self._inside = False
+
+    def feed(self, text: str, *, final: bool = False) -> tuple[str, bool]:
+        """(visible text of this piece, whether a stray `</think>` voided everything visible before it)."""
+        self._pending += text
+        out: list[str] = []
+        voided = False
+        while True:
+            if self._inside:
+                end = self._pending.find(CLOSE)
+                if end < 0:
+                    self._pending = "" if final else self._pending[-(len(CLOSE) - 1) :]
+                    break
+                self._pending, self._inside = self._pending[end + len(CLOSE) :], False
+                continue
+            start, stray = self._pending.find(OPEN), self._pending.find(CLOSE)
+            if stray >= 0 and (start < 0 or stray < start):
+                out, voided = [], True
+                self._pending = self._pending[stray + len(CLOSE) :]
+                continue
+            if start >= 0:
+                out.append(self._pending[:start])
+                self._pending, self._inside = self._pending[start + len(OPEN) :], True
+                continue
+            keep = 0 if final else _partial_tag(self._pending)
+            out.append(self._pending[: len(self._pending) - keep])
+            self._pending = self._pending[len(self._pending) - keep :]
             break
-        out.append(text[pos:start])
-        pos, inside = start + len(OPEN), True
-    return "".join(out).strip()
+        return "".join(out), voided
+
+
+def _partial_tag(text: str) -> int:
+    """Length of the longest suffix of `text` that begins `<think>` or `</think>`."""
+    for size in range(min(len(text), len(CLOSE) - 1), 0, -1):
+        tail = text[-size:]
+        if OPEN.startswith(tail) or CLOSE.startswith(tail):
+            return size
+    return 0
+
+
+def strip_reasoning(text: str) -> str:
+    """The answer without its reasoning (see `ReasoningFilter`), trimmed; what streams show agrees with it."""
+    return ReasoningFilter().feed(text, final=True)[0].strip()
 
 
 def visible_text(project: Project, raw: str) -> str:
