@@ -290,7 +290,8 @@ class Bus:
         try:
             self._inbox.put_nowait(msg)
         except asyncio.QueueFull:
-            task = asyncio.ensure_future(self._inbox.put(msg))  # park: unacked, so nothing is lost
+            # park: unacked, so nothing is lost; a queue put cannot fail, and __aexit__ cancels what is parked
+            task = asyncio.ensure_future(self._inbox.put(msg))  # supervised: see the line above
             self._parked.add(task)
             task.add_done_callback(self._parked.discard)
 

@@ -83,7 +83,8 @@ class Client:
 
     async def __aenter__(self) -> Self:
         await self._bus.__aenter__()
-        self._reader = asyncio.create_task(self._read())
+        # a reader that died shows as TimeoutError in ask/stream (the caller retries or gives up)
+        self._reader = asyncio.create_task(self._read())  # supervised: see the line above
         return self
 
     async def __aexit__(

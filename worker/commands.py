@@ -143,10 +143,12 @@ async def _fleet(args: argparse.Namespace) -> int:
                 bus.ack(msg)
                 state.handle(msg.topic, msg.payload)
 
-        reader = asyncio.create_task(read())
+        reader = asyncio.create_task(read())  # supervised: its failure is raised below, never a frozen view
         await bus.subscribe(state.filters)
         if args.once:
-            await asyncio.sleep(args.wait)
+            await asyncio.wait({reader}, timeout=args.wait)
+            if reader.done():
+                reader.result()  # it can only have ended by failing: say so
             reader.cancel()
             if args.json:
                 print(json.dumps(state.snapshot(), indent=2))
@@ -158,10 +160,12 @@ async def _fleet(args: argparse.Namespace) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         with Live(render(state), refresh_per_second=2, screen=False) as live:
-            while not stop.is_set():
+            while not stop.is_set() and not reader.done():
                 live.update(render(state))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.5)
+        if reader.done():
+            reader.result()
         reader.cancel()
     return 0
 

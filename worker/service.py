@@ -64,6 +64,8 @@ class Service:
         self._say = say or (lambda _msg: None)
         self.worker_id = cfg.worker.id or default_worker_id(cfg.model.visible_devices)
         self._topics = Topics(cfg.worker.topic_prefix)
+        # built once: every reply, stream chunks included, is checked against them
+        self._reply_prefixes = tuple(self._topics.reply_prefix(name, d) for name in self._projects for d in Dialect)
         self.counters: Counter[tuple[str, str]] = Counter()
         self._status = StatusReporter(cfg, self.worker_id, list(self._projects), engine, self.counters)
         self._admission = Admission(cfg.worker, projects)
@@ -228,11 +230,7 @@ class Service:
         await self._bus.publish(topic, payload, qos=1, correlation_data=correlation, wait=wait)
 
     def _is_reply_topic(self, topic: str) -> bool:
-        return any(
-            protocol.is_reply_topic(topic, self._topics.reply_prefix(name, dialect))
-            for name in self._projects
-            for dialect in Dialect
-        )
+        return any(protocol.is_reply_topic(topic, prefix) for prefix in self._reply_prefixes)
 
 
 def _label(bus: Bus) -> str:

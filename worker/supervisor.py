@@ -104,7 +104,11 @@ class Supervisor:
                 url = f"mqtt://{self._cfg.broker.embedded_host}:{broker.port}"
             for i, util in enumerate(utilizations):
                 await self._start(i, url, util)
-            watchers = {asyncio.create_task(self._watch(i, url, utilizations[i], stop)) for i in self._children}
+            watchers = set()
+            for i in self._children:  # a watcher that fails would leave its model dead: stop loudly
+                task = asyncio.create_task(self._watch(i, url, utilizations[i], stop))  # supervised: _watcher_ended
+                task.add_done_callback(lambda t: self._watcher_ended(t, stop))
+                watchers.add(task)
             await stop.wait()
             await self._terminate_all()
             for task in watchers:
@@ -118,6 +122,14 @@ class Supervisor:
         self._children[index] = await asyncio.create_subprocess_exec(
             *self._argv(index, url, utilization), start_new_session=True
         )
+
+    def _watcher_ended(self, task: asyncio.Task[None], stop: asyncio.Event) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("supervisor.watcher_failed", exc_info=task.exception())
+        self._say("internal error: a model watcher failed; stopping with status 1")
+        self.exit_code = 1
+        stop.set()
 
     async def _watch(self, index: int, url: str, utilization: float | None, stop: asyncio.Event) -> None:
         backoff = 1.0
@@ -151,7 +163,8 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
         grace = self._cfg.worker.drain_timeout_s + 15
-        _, pending = await asyncio.wait([asyncio.create_task(p.wait()) for p in alive], timeout=grace)
+        waits = [asyncio.create_task(p.wait()) for p in alive]  # supervised: awaited on the next line
+        _, pending = await asyncio.wait(waits, timeout=grace)
         for proc in alive:
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
