@@ -24,13 +24,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $@
 
-# Integration tests run a real Mosquitto (Debian package) on free loopback ports; the README's shell
-# examples use its clients (mosquitto_pub / mosquitto_sub, package mosquitto-clients).
+# Integration tests run a real Mosquitto and a real redis-server (Debian packages) on free loopback
+# ports; the README's shell examples use Mosquitto's clients (mosquitto_pub / mosquitto_sub).
 mosquitto:
-	@{ command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto; } && command -v mosquitto_pub >/dev/null || { \
+	@{ command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto; } && command -v mosquitto_pub >/dev/null \
+		&& { command -v redis-server >/dev/null || test -x /usr/bin/redis-server; } || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
-		else echo "mosquitto missing: sudo apt-get install mosquitto mosquitto-clients (their tests are skipped without them)" >&2; fi; }
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients redis-server >/dev/null; \
+		else echo "mosquitto or redis-server missing: sudo apt-get install mosquitto mosquitto-clients redis-server (their tests are skipped without them)" >&2; fi; }
 
 model: install
 	$(BIN)/vllm-worker model prepare

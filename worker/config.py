@@ -126,7 +126,7 @@ class GenerationConfig(_Section):
 
 
 class SessionsConfig(_Section):
-    """Per-(project, session) chat history kept in memory."""
+    """Per-(project, session) chat history (kept where `state.url` says)."""
 
     max_history_tokens: int = Field(1024, ge=0)
     max_sessions: int = Field(10_000, gt=0)
@@ -168,6 +168,28 @@ class WorkerSection(_Section):
     """In-flight requests get this long to finish on SIGTERM/Ctrl-C; the rest are answered `shutting_down`."""
 
 
+class StateConfig(_Section):
+    """Where sessions, dedupe and rate-limit budgets live: this process, or Redis/Valkey for a fleet."""
+
+    url: SecretStr = SecretStr("memory")
+    """`memory` (one worker; lost on restart) or `redis://[:password@]host:port/db` / `rediss://...` (shared)."""
+    lease_s: float = Field(10.0, ge=0.3, le=300)
+    """Redis: a session lock or requestId claim of a worker that died is released after this long."""
+    op_timeout_s: float = Field(1.0, gt=0, le=30)
+    """Redis: one operation (connect included) fails after this long, and the backend counts as down."""
+    key_prefix: str = Field("vw", pattern=r"^[A-Za-z0-9_.:-]{1,32}$")
+    """Redis: every key starts `{key_prefix}/{topic_prefix}{project}/`."""
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: SecretStr) -> SecretStr:
+        value = url.get_secret_value()
+        parts = urlsplit(value)
+        if value != "memory" and (parts.scheme not in {"redis", "rediss"} or not parts.hostname):
+            raise ValueError("state url must be `memory` or look like redis://host:port/db or rediss://host:port/db")
+        return url
+
+
 class LogConfig(_Section):
     """Logging."""
 
@@ -190,6 +212,7 @@ class WorkerConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     sessions: SessionsConfig = Field(default_factory=SessionsConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
     worker: WorkerSection = Field(default_factory=WorkerSection)
     log: LogConfig = Field(default_factory=LogConfig)
     models: list[ModelEntry] = Field(default_factory=list)

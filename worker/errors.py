@@ -24,6 +24,7 @@ class ErrorCode(StrEnum):
     CANCELLED = "cancelled"
     ENGINE_ERROR = "engine_error"
     SHUTTING_DOWN = "shutting_down"
+    STATE_UNAVAILABLE = "state_unavailable"
 
 
 class WorkerError(Exception):
@@ -101,6 +102,12 @@ class ShuttingDownError(WorkerError):
     """The worker is draining and could not finish this request."""
 
     code, public_message = ErrorCode.SHUTTING_DOWN, "Server is shutting down, please retry later"
+
+
+class StateUnavailableError(WorkerError):
+    """The shared state backend (Redis) is unreachable, so this session's history cannot be read or kept."""
+
+    code, public_message = ErrorCode.STATE_UNAVAILABLE, "Conversation state is unavailable, please retry later"
 
 
 class ConfigError(Exception):

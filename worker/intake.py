@@ -1,9 +1,9 @@
 """`Intake`: every inbound message ends here, and `take` never raises.
 
-A message becomes one of: a job (parsed, not a duplicate, admitted: `serve` runs it), a typed refusal
-on a safe route, the cached final reply of a duplicate, a cancel or session reset, or a counted, logged
-drop (no safe route; a retained replay; a poison message that made our own code raise). Then the job
-table applies the ack policy to it.
+A message becomes one of: a job (parsed, not running here already, admitted: `serve` runs it and
+settles dedupe fleet-wide), a typed refusal on a safe route, a cancel or session reset, or a counted,
+logged drop (a copy of a request running here; no safe route; a retained replay; a poison message that
+made our own code raise). Then the job table applies the ack policy to it.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from collections import Counter
 import structlog
 
 from worker import protocol
-from worker.admission import Admission, Seen
-from worker.errors import EngineError, RequestCancelledError, WorkerError
+from worker.admission import Admission
+from worker.errors import EngineError, RequestCancelledError, StateUnavailableError, WorkerError
 from worker.jobs import Job, JobTable
 from worker.message import InboundMessage
 from worker.projects import Project
-from worker.protocol import Cancel, FinalReply, Rejected, Request, Route, Topics
+from worker.protocol import Cancel, Rejected, Request, Reset, Route, Topics
 from worker.replies import Replier
 from worker.serve import Pipeline, serve
 from worker.sessions import SessionStore
@@ -99,16 +99,11 @@ class Intake:
         self._fail(rejected.route, rejected.error)
 
     def _admit(self, request: Request) -> Job | None:
-        """Dedupe and admit a parsed request; returns its job, or None once it is answered."""
+        """Admit a parsed request; returns its job, or None once it is answered."""
         self._warn_once(request)
-        seen, final = self._admission.seen(request)
-        if seen is not Seen.NEW:
-            log.info("request.duplicate", request_id=request.request_id, state=seen.value)
-            if final is not None:  # answered again with the cached final reply
-                self._count(request.route.project, "duplicates_resent")
-                self._jobs.reply(self._resend(final))
-            else:  # still running: its one final reply is on the way
-                self._count(request.route.project, "duplicates")
+        if self._jobs.get(request.dedupe_key) is not None:  # running here: its one final reply is on the way
+            log.info("request.duplicate", request_id=request.request_id, state="in_flight")
+            self._count(request.route.project, "duplicates")
             return None
         try:
             self._admission.admit(request)
@@ -133,12 +128,23 @@ class Intake:
         if isinstance(command, Cancel):
             self._cancel(command)
             return
-        existed = self._sessions.reset(command.session_key)
-        log.info("session.reset", project=project, session_id=command.session_id, existed=existed)
+        self._jobs.reply(self._reset(command))
+
+    async def _reset(self, command: Reset) -> None:
+        """Reset in the session's turn order (after the turn running now); confirm when asked to."""
+        try:
+            existed = await self._sessions.reset(command.session_key)
+        except StateUnavailableError as err:
+            self._count(command.project, "control_failed")
+            log.warning("session.reset_failed", project=command.project, reason=err.message)
+            if command.confirm is not None:
+                await self._replier.fail(command.confirm, err)
+            return
+        log.info("session.reset", project=command.project, session_id=command.session_id, existed=existed)
         if command.confirm is not None:
             route = command.confirm
             body = protocol.v2_message(route, 1, reset=True)
-            self._jobs.reply(self._replier.publish(route.topic, body, route.correlation_data, wait=True))
+            await self._replier.publish(route.topic, body, route.correlation_data, wait=True)
 
     def _cancel(self, command: Cancel) -> None:
         """Only the request's own clientId reaches it: requestIds live in their client's namespace."""
@@ -156,9 +162,6 @@ class Intake:
 
     async def _send_error(self, route: Route, error: WorkerError) -> None:
         await self._replier.fail(route, error)
-
-    async def _resend(self, final: FinalReply) -> None:
-        await self._replier.publish(final.topic, final.payload, final.correlation_data, wait=True)
 
     def _warn_once(self, request: Request) -> None:
         """Unknown fields (forward compatibility) and an ignored priority are logged once per worker."""

@@ -66,7 +66,8 @@ class ProjectReport(_Wire):
     requests: int = 0
     errors: int = 0
     rejected: int = 0
-    sessions: int = 0
+    sessions: int | None = 0
+    """Sessions this worker holds; null when they live in Redis (shared by the fleet)."""
 
 
 class ProcessReport(_Wire):
@@ -74,6 +75,16 @@ class ProcessReport(_Wire):
 
     rss_mib: int
     uptime_s: int
+
+
+class StateReport(_Wire):
+    """Where sessions, dedupe and rate limits live, and whether that backend answers."""
+
+    backend: str
+    healthy: bool
+    latency_ms: float | None = None
+    degraded: bool = False
+    """The backend is unreachable: stateful turns are refused, dedupe and rate limits are per worker."""
 
 
 class TelemetryReport(_Wire):
@@ -87,3 +98,5 @@ class TelemetryReport(_Wire):
     engine: EngineReport = Field(default_factory=EngineReport)
     projects: dict[str, ProjectReport] = Field(default_factory=dict)
     process: ProcessReport
+    state: StateReport | None = None
+    """Absent from workers older than the state layer."""

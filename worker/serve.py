@@ -1,9 +1,11 @@
 """`serve(job)`: the request path, top to bottom, with one error mapping (DESIGN section 1).
 
-session turn -> prompt (history, template, token trim) -> engine -> stream chunks -> final reply ->
-record the turn. The deadline covers the whole path, waiting for the session's turn included. Whatever
-happens, the job ends with exactly one final reply, or deliberately none (a classic client's cancel, a
-job left for redelivery by the drain); cancellation is always re-raised.
+claim the requestId -> rate budgets -> session turn -> prompt (history, template, token trim) -> engine
+-> stream chunks -> record the turn -> final reply -> cache it for the requestId. The first two and the
+history are fleet-wide state (`worker.state`). The deadline covers the whole path, waiting for the
+session's turn included. Whatever happens, the job ends with exactly one final reply, or deliberately
+none (a classic client's cancel, a job left for redelivery by the drain, a duplicate whose first copy
+another worker answered); cancellation is always re-raised.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -21,6 +23,7 @@ from worker.engine.base import Engine, Prompt
 from worker.errors import (
     EngineDeadError,
     EngineError,
+    ErrorCode,
     ExpiredError,
     RequestCancelledError,
     ShuttingDownError,
@@ -30,6 +33,16 @@ from worker.jobs import Job
 from worker.protocol import Dialect, Request, visible_text
 from worker.replies import Outcome, Replier, Stream
 from worker.sessions import SessionStore
+from worker.state import Budget, Claim, State
+
+TRANSIENT = {
+    ErrorCode.RATE_LIMITED,
+    ErrorCode.OVERLOADED,
+    ErrorCode.SHUTTING_DOWN,
+    ErrorCode.STATE_UNAVAILABLE,
+    ErrorCode.ENGINE_ERROR,
+}
+"""Errors a retry with the same requestId may get past: never cached as its final reply."""
 
 log = structlog.get_logger(__name__)
 
@@ -39,7 +52,10 @@ class Pipeline:
     """What `serve` needs: the steps of the path and the few settings that change it."""
 
     engine: Engine
+    state: State
     sessions: SessionStore
+    budgets: Callable[[Request], Sequence[Budget]]
+    """The token buckets a request takes from (`Admission.budgets`)."""
     replier: Replier
     counters: Counter[tuple[str, str]]
     on_engine_death: Callable[[], None]
@@ -58,6 +74,9 @@ async def serve(job: Job, p: Pipeline) -> None:
     log.debug("request.accepted", project=request.route.project, request_id=request.request_id, text=request.message)
     try:
         async with asyncio.timeout(_remaining_s(request)):
+            if not await _claim(job, p):
+                return
+            await p.state.take(p.budgets(request))
             async with p.sessions.turn(request):
                 prompt = await p.sessions.build_prompt(request)
                 outcome = await _generate(p, request, prompt, stream)
@@ -92,6 +111,51 @@ async def serve(job: Job, p: Pipeline) -> None:
         p.counters[(request.route.project, "internal_errors")] += 1  # a bug of ours: the battery asserts 0
         log.exception("request.failed", request_id=request.request_id)
         await _fail(job, stream, p, EngineError())
+    finally:
+        await _settle_claim(job, p)
+
+
+async def _claim(job: Job, p: Pipeline) -> bool:
+    """Claim a client-supplied requestId fleet-wide; False when this copy must not be generated.
+
+    Answered before: the cached final reply goes out again. Held by a live worker (its lease renewed):
+    wait; when that one answers, this copy ends silently (its one final reply is out); when its lease
+    lapses (the holder died), this copy claims it and runs, so a crash never loses the request.
+    """
+    request = job.request
+    if not request.client_supplied_id:
+        return True
+    delay, waited = 0.05, False
+    while True:
+        claimed = await p.state.claim(request.dedupe_key)
+        if claimed.verdict is Claim.NEW:
+            job.claimed = True
+            return True
+        if claimed.verdict is Claim.DONE:
+            log.info("request.duplicate", request_id=request.request_id, state="done", waited=waited)
+            if claimed.final is not None and not waited:
+                p.counters[(request.route.project, "duplicates_resent")] += 1
+                final = claimed.final
+                await p.replier.publish(final.topic, final.payload, final.correlation_data, wait=True)
+                job.final = final
+            else:
+                p.counters[(request.route.project, "duplicates")] += 1
+                job.finished_silently = True
+            return False
+        waited = True
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.5)
+
+
+async def _settle_claim(job: Job, p: Pipeline) -> None:
+    """Cache the final reply for the requestId, or give the claim back (transient error, redelivery)."""
+    if not job.claimed:
+        return
+    job.claimed = False
+    if job.final is not None and job.error_code not in TRANSIENT:
+        await p.state.complete(job.request.dedupe_key, job.final)
+    else:
+        await p.state.abandon(job.request.dedupe_key)
 
 
 async def _generate(p: Pipeline, request: Request, prompt: Prompt, stream: Stream) -> Outcome:
@@ -123,6 +187,9 @@ async def _generate(p: Pipeline, request: Request, prompt: Prompt, stream: Strea
 
 async def _fail(job: Job, stream: Stream, p: Pipeline, error: WorkerError) -> None:
     p.counters[(stream.route.project, "errors")] += 1
+    if error.code is ErrorCode.RATE_LIMITED:
+        p.counters[(stream.route.project, "rejected")] += 1
+    job.error_code = error.code
     log.info("request.failed_reply", project=stream.route.project, code=str(error.code))
     job.final = await stream.fail(error)
 

@@ -33,6 +33,7 @@ from worker.replies import Replier
 from worker.reports import TelemetryReport
 from worker.serve import Pipeline
 from worker.sessions import SessionStore
+from worker.state import State, open_state
 from worker.status import StatusReporter
 
 log = structlog.get_logger(__name__)
@@ -87,7 +88,8 @@ class Service:
             await self._status.publish_status("starting")
             stack.push_async_callback(self._status.publish_status, "offline")
             engine = await self._start_engine(stack)
-            intake = self._wire(bus, engine)
+            store = await stack.enter_async_context(open_state(self._cfg))
+            intake = self._wire(bus, engine, store)
             await bus.subscribe(self._control_filters() + self._request_filters())
             self._status.engine_ready = True
             await self._status.publish_status("ready")
@@ -96,6 +98,7 @@ class Service:
             self._loops.start("intake", self._intake(bus, intake))
             self._loops.start("telemetry", self._status.telemetry_loop())
             self._loops.start("health", self._status.health_loop(self._engine_died))
+            self._loops.start("state", store.monitor())
             await stop.wait()
             await self._loops.stop("intake", "health")
             await self._drain(bus)
@@ -133,17 +136,20 @@ class Service:
         finally:
             ticker.cancel()
 
-    def _wire(self, bus: Bus, engine: Engine) -> Intake:
+    def _wire(self, bus: Bus, engine: Engine, store: State) -> Intake:
         """Build the request path once the engine is up."""
         w = self._cfg.worker
-        self._sessions = self._status.sessions = SessionStore(self._cfg.sessions, engine)
+        self._status.store = store
+        self._sessions = self._status.sessions = SessionStore(self._cfg.sessions, engine, store)
         replier = Replier(
             self._publish_reply, engine.model_name, self.worker_id, w.stream_interval_ms, w.stream_max_tokens
         )
         self._jobs = JobTable(bus.ack, self._admission.release, hold_acks=self._grouped)
         pipeline = Pipeline(
             engine=engine,
+            state=store,
             sessions=self._sessions,
+            budgets=self._admission.budgets,
             replier=replier,
             counters=self.counters,
             on_engine_death=self._engine_died,

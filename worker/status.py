@@ -20,8 +20,9 @@ from worker.bus import Bus
 from worker.config import WorkerConfig
 from worker.engine.base import Engine
 from worker.errors import EngineDeadError
-from worker.reports import ProjectReport, State, StatusReport, TelemetryReport
+from worker.reports import ProjectReport, State, StateReport, StatusReport, TelemetryReport
 from worker.sessions import SessionStore
+from worker.state import State as StateStore
 from worker.telemetry import GpuProbe, collect_process, engine_report, process_tree_pids
 
 log = structlog.get_logger(__name__)
@@ -52,6 +53,7 @@ class StatusReporter:
         self.started = time.monotonic()
         self.bus: Bus | None = None
         self.sessions: SessionStore | None = None
+        self.store: StateStore | None = None
         self.engine_ready = False
 
     def _model_name(self) -> str:
@@ -107,6 +109,7 @@ class StatusReporter:
             engine=engine_report(self._engine.stats()),
             projects=projects,
             process=process,
+            state=_state_report(self.store),
         )
 
     async def telemetry_loop(self) -> None:
@@ -131,6 +134,15 @@ class StatusReporter:
             except EngineDeadError:
                 on_engine_death()
                 await asyncio.Event().wait()  # the worker is stopping: wait to be cancelled, never "end"
+
+
+def _state_report(store: StateStore | None) -> StateReport | None:
+    if store is None:
+        return None
+    health = store.health()
+    return StateReport(
+        backend=health.backend, healthy=health.healthy, latency_ms=health.latency_ms, degraded=health.degraded
+    )
 
 
 def _now_iso() -> str:

@@ -14,10 +14,10 @@ from worker.config import WorkerConfig
 DEPLOY = ROOT / "deploy"
 
 
-def test_compose_has_mosquitto_two_workers_and_the_fleet_view():
+def test_compose_has_mosquitto_valkey_two_workers_and_the_fleet_view():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"mosquitto", "worker-a", "worker-b", "fleet"}
+    assert set(services) == {"mosquitto", "valkey", "worker-a", "worker-b", "fleet"}
     drain_s = WorkerConfig().worker.drain_timeout_s
     for name in ("worker-a", "worker-b"):
         svc = services[name]
@@ -27,7 +27,15 @@ def test_compose_has_mosquitto_two_workers_and_the_fleet_view():
         assert "VLLM_WORKER_BROKER__PASSWORD" in svc["environment"]  # from .env, never the command line
         assert "--mqtt-password" not in svc["command"]
         assert svc["command"][svc["command"].index("--worker-id") + 1] == name  # stable ids: redelivery
+        state_url = svc["environment"]["VLLM_WORKER_STATE__URL"]  # one shared state for the fleet
+        resolved = re.sub(r"\$\{[^}]*\}", "pw", state_url)  # what compose substitutes from .env
+        assert WorkerConfig.model_validate({"state": {"url": resolved}})
+        assert "valkey" in svc["depends_on"]
     assert services["mosquitto"]["image"].startswith("eclipse-mosquitto:2")
+    valkey = services["valkey"]
+    assert "ports" not in valkey  # reachable by the workers only
+    assert "--appendonly" in valkey["command"]  # conversations survive a Valkey restart
+    assert "--requirepass" in valkey["command"]
 
 
 def test_systemd_unit_restarts_on_failure_and_waits_for_the_drain():

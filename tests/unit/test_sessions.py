@@ -72,7 +72,7 @@ async def test_lru_cap_forgets_least_recent_session(projects):
     await turn(store, projects, "q", "a", session="b")
     await turn(store, projects, "q", "a", session="a")  # refresh a
     await turn(store, projects, "q", "a", session="c")  # evicts b
-    assert len(store) == 2
+    assert store.count("maze") == 2
     prompt_b = await store.build_prompt(request(projects, "again", session="b"))
     assert [m.content for m in prompt_b.messages[1:]] == ["again"]
 
@@ -93,7 +93,7 @@ async def test_system_prompt_override_sticks_to_the_session(projects):
     await store.record(req, "arr")
     second = await store.build_prompt(request(projects, "again"))
     assert first.messages[0].content == second.messages[0].content == "You are a pirate."
-    assert store.reset(("maze", "", "s1"))
+    assert await store.reset(("maze", "", "s1"))
     third = await store.build_prompt(request(projects, "again"))
     assert third.messages[0].content == projects["maze"].system_prompt
 
@@ -106,4 +106,4 @@ async def test_stateless_messages_do_not_touch_history(projects):
     req = parse(InboundMessage("maze/user_input", body), projects, Topics(), 256 * 1024)
     await store.build_prompt(req)
     await store.record(req, "answer")
-    assert len(store) == 0
+    assert store.count("maze") == 0

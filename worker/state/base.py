@@ -1,0 +1,142 @@
+"""The state layer's one interface: sessions, dedupe and rate limits (DESIGN section 5).
+
+A worker keeps per-request state that must hold across a fleet and across restarts: chat history,
+requestIds already answered, rate-limit budgets. `State` is that state behind one small interface, so
+the request path (`serve`) does not know where it lives: `memory` (one process, the default) or
+`redis://` (shared by every worker of a share group; see `state/redis.py`).
+
+Every method is a bounded operation: a backend that cannot answer raises `StateUnavailableError`
+(sessions) or degrades to this process's own state (dedupe, rate limits) and says so in `health()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol, Self
+
+from worker.protocol import FinalReply
+
+SessionKey = tuple[str, str, str]
+"""(project, owner, sessionId): see `Request.session_key`."""
+DedupeKey = tuple[str, str, str]
+"""(project, owner, requestId): see `Request.dedupe_key`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One answered exchange of a session, with its token cost (user + assistant)."""
+
+    user: str
+    assistant: str
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """A session's stored state: its turns (oldest first) and its systemPrompt override."""
+
+    turns: tuple[Turn, ...] = ()
+    system_prompt: str | None = None
+
+
+class Claim(Enum):
+    """Dedupe verdict for a client-supplied requestId."""
+
+    NEW = "new"
+    """Nobody had it: this caller now holds it and must `complete` or `abandon` it."""
+    IN_FLIGHT = "in_flight"
+    """Someone holds it and is alive (its lease is renewed): its final reply is on the way."""
+    DONE = "done"
+    """Answered within the dedupe window: the cached final reply comes with it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """`claim`'s answer."""
+
+    verdict: Claim
+    final: FinalReply | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """One token bucket to take from: `key` (project, client or "*"), refilled at `rate_per_s` up to `burst`."""
+
+    key: tuple[str, str]
+    rate_per_s: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class StateHealth:
+    """What telemetry reports about the state backend."""
+
+    backend: str
+    healthy: bool
+    latency_ms: float | None = None
+    """Round trip of the last health probe (None for memory)."""
+    degraded: bool = False
+    """Dedupe and rate limits currently run on this worker's own state (the backend is unreachable)."""
+
+
+class State(Protocol):
+    """See the module docstring. An async context manager: connect on enter, close on exit."""
+
+    backend: str
+
+    async def __aenter__(self) -> Self: ...
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    # ---- sessions --------------------------------------------------------------------------------------
+    async def load(self, key: SessionKey) -> History:
+        """The session's turns and override (empty when new or expired)."""
+        ...
+
+    async def append(self, key: SessionKey, turn: Turn, system_prompt: str | None, max_tokens: int) -> None:
+        """Add a turn (and store the override when given), then trim oldest turns to `max_tokens`; atomic."""
+        ...
+
+    async def reset(self, key: SessionKey) -> bool:
+        """Forget the session; True if it existed."""
+        ...
+
+    def lock(self, key: SessionKey) -> AbstractAsyncContextManager[None]:
+        """Hold the session's turn: one holder at a time, waiters served in arrival order.
+
+        A dead holder's lease expires (`lease_s`), so a crashed worker never blocks a session for good.
+        """
+        ...
+
+    def sessions(self, project: str) -> int | None:
+        """Sessions held for a project, when the backend can count them cheaply (else None)."""
+        ...
+
+    # ---- dedupe ----------------------------------------------------------------------------------------
+    async def claim(self, key: DedupeKey) -> Claimed:
+        """Claim a client-supplied requestId (see `Claim`)."""
+        ...
+
+    async def complete(self, key: DedupeKey, final: FinalReply) -> None:
+        """The claim's final reply is out: cache it for the dedupe window."""
+        ...
+
+    async def abandon(self, key: DedupeKey) -> None:
+        """Give a claim back without a cached reply (refused by a limit, or left for redelivery)."""
+        ...
+
+    # ---- rate limits -----------------------------------------------------------------------------------
+    async def take(self, budgets: Sequence[Budget]) -> None:
+        """Take one token from every bucket, or none: raises `RateLimitedError` (with retry-after)."""
+        ...
+
+    # ---- health ----------------------------------------------------------------------------------------
+    def health(self) -> StateHealth:
+        """The backend's health as last seen."""
+        ...
+
+    async def monitor(self) -> None:
+        """Probe the backend and renew this worker's leases, forever (a supervised loop)."""
+        ...

@@ -1,0 +1,334 @@
+"""`RedisState`: the state layer in Redis or Valkey, shared by every worker of a fleet (`state.url`).
+
+Sessions (turn list + system prompt), requestId claims and token buckets live under
+`{key_prefix}/{topic_prefix}{project}/...`, every key with a TTL. Each read-check-write is one Lua script
+(`state/scripts.py`). Session locks and claims are leases this worker renews from `monitor`; a worker
+that dies stops renewing and its leases lapse after `lease_s`.
+
+Redis unreachable (the documented degraded mode, PROTOCOL section 5): calls fail fast (no connect per
+request) and `monitor` probes with backoff until it answers again. Meanwhile stateful turns are refused
+with `state_unavailable` (history is never silently dropped), while stateless requests keep working with
+this worker's own dedupe and rate limits (`health().degraded`). Standalone Redis/Valkey (not Cluster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Self, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from worker.errors import RateLimitedError, StateUnavailableError
+from worker.protocol import FinalReply
+from worker.state import scripts
+from worker.state.base import Budget, Claim, Claimed, DedupeKey, History, SessionKey, StateHealth, Turn
+from worker.state.memory import MAX_TURNS, MemoryLimits, MemoryState
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+MAX_TOKEN_DIGITS = 9
+
+
+class RedisState:
+    """See the module docstring."""
+
+    backend = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        namespace: str,
+        limits: MemoryLimits,
+        *,
+        lease_s: float = 10.0,
+        op_timeout_s: float = 1.0,
+    ) -> None:
+        self._url = url
+        self._ns = namespace
+        self._limits = limits
+        self._lease_ms = max(1, round(lease_s * 1000))
+        self._renew_every_s = max(0.05, lease_s / 3)
+        self._op_timeout_s = op_timeout_s
+        self._local = MemoryState(limits)  # dedupe + rate limits while Redis is unreachable
+        self._local_claims: set[DedupeKey] = set()
+        self._incarnation = uuid.uuid4().hex[:16]
+        self._seq = itertools.count()
+        self._leases: dict[str, str] = {}  # key -> the value it must hold; renewed by `monitor`
+        self._claims: dict[DedupeKey, str] = {}  # our claim tokens
+        self._healthy = False
+        self._latency_ms: float | None = None
+        self._r: aioredis.Redis | None = None
+
+    async def __aenter__(self) -> Self:
+        self._r = aioredis.Redis.from_url(
+            self._url,
+            socket_timeout=self._op_timeout_s,
+            socket_connect_timeout=self._op_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        r = self._r
+        self._enter, self._try, self._leave = map(
+            r.register_script, (scripts.LOCK_ENTER, scripts.LOCK_TRY, scripts.LOCK_LEAVE)
+        )
+        self._renew, self._append, self._claim = map(r.register_script, (scripts.RENEW, scripts.APPEND, scripts.CLAIM))
+        self._complete, self._abandon, self._take = map(
+            r.register_script, (scripts.COMPLETE, scripts.ABANDON, scripts.TAKE)
+        )
+        self._healthy = True
+        if not await self._probe():
+            log.warning("state.start_degraded", url=redact(self._url), action="stateful requests get state_unavailable")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._r is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._r.aclose()
+
+    # ---- calls -----------------------------------------------------------------------------------------
+    async def _call(self, step: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis step; fail fast while down; a connection failure marks the backend down."""
+        if not self._healthy or self._r is None:
+            raise StateUnavailableError(retry_after_ms=1000)
+        try:
+            return await step()
+        except _DOWN as err:
+            self._mark_down(err)
+            raise StateUnavailableError(retry_after_ms=1000) from err
+        except RedisError as err:  # refused by the server (OOM, READONLY, ...): this call only
+            log.warning("state.refused", error=type(err).__name__, detail=str(err)[:200])
+            raise StateUnavailableError(retry_after_ms=1000) from err
+
+    def _mark_down(self, err: BaseException) -> None:
+        if self._healthy:
+            log.error("state.unavailable", url=redact(self._url), error=type(err).__name__, action="degraded")
+        self._healthy = False
+
+    def _token(self) -> str:
+        return f"{self._incarnation}-{next(self._seq)}"
+
+    # ---- sessions --------------------------------------------------------------------------------------
+    def _session(self, key: SessionKey, kind: str) -> str:
+        project, owner, session_id = key
+        return f"{self._ns}{project}/s/{owner}/{session_id}/{kind}"
+
+    async def load(self, key: SessionKey) -> History:
+        """See `State.load`; an unreadable item (not ours) is skipped and logged."""
+        assert self._r is not None  # noqa: S101 - only inside the context
+        pipe = self._r.pipeline(transaction=False)
+        pipe.lrange(self._session(key, "t"), 0, -1)
+        pipe.get(self._session(key, "p"))
+        items, prompt = await self._call(pipe.execute)
+        turns = tuple(t for t in (_decode_turn(item) for item in items) if t is not None)
+        if len(turns) != len(items):
+            log.warning("state.bad_turns", skipped=len(items) - len(turns))
+        return History(turns, prompt.decode("utf-8", "replace") if isinstance(prompt, bytes) else None)
+
+    async def append(self, key: SessionKey, turn: Turn, system_prompt: str | None, max_tokens: int) -> None:
+        """See `State.append`: one script, so concurrent appends never interleave a trim."""
+        item = f"{turn.tokens}\n" + json.dumps([turn.user, turn.assistant])
+        ttl_ms = round(self._limits.idle_ttl_s * 1000)
+        args: list[str | int] = [
+            item,
+            max_tokens,
+            ttl_ms,
+            "1" if system_prompt is not None else "0",
+            system_prompt or "",
+            MAX_TURNS,
+        ]
+        keys = [self._session(key, "t"), self._session(key, "p")]
+        await self._call(lambda: self._append(keys=keys, args=args))
+
+    async def reset(self, key: SessionKey) -> bool:
+        """See `State.reset`."""
+        assert self._r is not None  # noqa: S101
+        r = self._r
+        return bool(await self._call(lambda: r.delete(self._session(key, "t"), self._session(key, "p"))))
+
+    @contextlib.asynccontextmanager
+    async def lock(self, key: SessionKey) -> AsyncIterator[None]:
+        """See `State.lock`: a FIFO queue in Redis; waiters poll (10 ms doubling to 200 ms)."""
+        queue, token = self._session(key, "q"), self._token()
+        alive = f"{queue}:a:{token}"
+        self._leases[alive] = token
+        idle_ms = max(self._lease_ms * 4, round(self._limits.idle_ttl_s * 1000))
+        try:
+            got = await self._call(lambda: self._enter(keys=[queue], args=[token, self._lease_ms, idle_ms]))
+            delay = 0.01
+            while got != 1:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.2)
+                if got == -1:  # our lease lapsed (a long stall): queue again
+                    log.warning("state.lock_requeued", project=key[0])
+                    got = await self._call(lambda: self._enter(keys=[queue], args=[token, self._lease_ms, idle_ms]))
+                else:
+                    got = await self._call(lambda: self._try(keys=[queue], args=[token]))
+            yield
+        finally:
+            self._leases.pop(alive, None)
+            with contextlib.suppress(StateUnavailableError):  # else its lease lapses in lease_s
+                await self._call(lambda: self._leave(keys=[queue], args=[token]))
+
+    def sessions(self, project: str) -> int | None:  # noqa: ARG002 - the interface's signature
+        """Not counted: the fleet's sessions live in Redis, not here."""
+        return None
+
+    # ---- dedupe ----------------------------------------------------------------------------------------
+    def _request(self, key: DedupeKey) -> str:
+        project, owner, request_id = key
+        return f"{self._ns}{project}/r/{owner}/{request_id}"
+
+    async def claim(self, key: DedupeKey) -> Claimed:
+        """See `State.claim`; while Redis is down, this worker's own dedupe answers (degraded)."""
+        token = self._token()
+        rkey = self._request(key)
+        try:
+            reply = await self._call(lambda: self._claim(keys=[rkey], args=[token, self._lease_ms]))
+        except StateUnavailableError:
+            self._local_claims.add(key)
+            return await self._local.claim(key)
+        verdict = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        if verdict == "new":
+            self._claims[key] = token
+            self._leases[rkey] = f"c:{token}"
+            return Claimed(Claim.NEW)
+        if verdict == "done":
+            return Claimed(Claim.DONE, _decode_final(reply[1]))
+        return Claimed(Claim.IN_FLIGHT)
+
+    async def complete(self, key: DedupeKey, final: FinalReply) -> None:
+        """See `State.complete`."""
+        if key in self._local_claims:
+            self._local_claims.discard(key)
+            await self._local.complete(key, final)
+            return
+        token = self._claims.pop(key, "")
+        rkey = self._request(key)
+        self._leases.pop(rkey, None)
+        window_ms = max(1, round(self._limits.dedupe_window_s * 1000))
+        with contextlib.suppress(StateUnavailableError):  # the claim lapses; a retry is generated again
+            await self._call(lambda: self._complete(keys=[rkey], args=[token, _encode_final(final), window_ms]))
+
+    async def abandon(self, key: DedupeKey) -> None:
+        """See `State.abandon`."""
+        if key in self._local_claims:
+            self._local_claims.discard(key)
+            await self._local.abandon(key)
+            return
+        token = self._claims.pop(key, "")
+        rkey = self._request(key)
+        self._leases.pop(rkey, None)
+        with contextlib.suppress(StateUnavailableError):
+            await self._call(lambda: self._abandon(keys=[rkey], args=[token]))
+
+    # ---- rate limits -----------------------------------------------------------------------------------
+    async def take(self, budgets: Sequence[Budget]) -> None:
+        """See `State.take`: one script for all buckets, on the server's clock; local buckets while down."""
+        if not budgets:
+            return
+        keys = [f"{self._ns}{b.key[0]}/b/{b.key[1]}" for b in budgets]
+        args: list[str | int] = [x for b in budgets for x in (repr(float(b.rate_per_s)), b.burst)]
+        try:
+            retry_ms = await self._call(lambda: self._take(keys=keys, args=args))
+        except StateUnavailableError:
+            await self._local.take(budgets)
+            return
+        if int(retry_ms) > 0:
+            raise RateLimitedError(retry_after_ms=int(retry_ms))
+
+    # ---- health ----------------------------------------------------------------------------------------
+    def health(self) -> StateHealth:
+        """See `State.health`."""
+        return StateHealth(self.backend, self._healthy, self._latency_ms, degraded=not self._healthy)
+
+    async def monitor(self) -> None:
+        """Renew leases every lease_s/3 (this doubles as the health probe); probe with backoff while down."""
+        backoff = 0.5
+        while True:
+            if self._healthy:
+                await asyncio.sleep(self._renew_every_s)
+                await self._probe()
+            else:
+                await asyncio.sleep(backoff)
+                backoff = 0.5 if await self._probe() else min(backoff * 2, 5.0)
+
+    async def _probe(self) -> bool:
+        """One round trip: renew our leases (or PING); records latency and flips health both ways."""
+        assert self._r is not None  # noqa: S101
+        leases = dict(self._leases)
+        started = time.monotonic()
+        try:
+            if leases:
+                lost = await self._renew(keys=list(leases), args=[self._lease_ms, *leases.values()])
+                if int(lost):
+                    log.warning("state.leases_lost", count=int(lost))
+            else:
+                await self._r.ping()
+        except _DOWN as err:
+            self._mark_down(err)
+            return False
+        except RedisError as err:
+            log.warning("state.probe_refused", error=type(err).__name__, detail=str(err)[:200])
+            return False
+        self._latency_ms = round((time.monotonic() - started) * 1000, 2)
+        if not self._healthy:
+            log.info("state.recovered", url=redact(self._url), latency_ms=self._latency_ms)
+        self._healthy = True
+        return True
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _decode_turn(item: bytes) -> Turn | None:
+    """`<tokens>` newline `<json [user, assistant]>`, or None when it is not that (never raises)."""
+    try:
+        head, _, body = item.partition(b"\n")
+        user, assistant = json.loads(body)
+        if isinstance(user, str) and isinstance(assistant, str) and head.isdigit() and len(head) <= MAX_TOKEN_DIGITS:
+            return Turn(user, assistant, int(head))
+    except (ValueError, TypeError):
+        pass
+    return None
+
+
+def _encode_final(final: FinalReply) -> str:
+    data = {
+        "t": final.topic,
+        "p": base64.b64encode(final.payload).decode(),
+        "c": base64.b64encode(final.correlation_data).decode() if final.correlation_data is not None else None,
+    }
+    return json.dumps(data)
+
+
+def _decode_final(raw: object) -> FinalReply | None:
+    """The cached final reply, or None when it is unreadable (never raises)."""
+    try:
+        data = json.loads(raw if isinstance(raw, (bytes, str)) else b"")
+        corr = data["c"]
+        return FinalReply(
+            str(data["t"]), base64.b64decode(data["p"]), base64.b64decode(corr) if corr is not None else None
+        )
+    except (ValueError, TypeError, KeyError):
+        log.warning("state.bad_cached_reply")
+        return None
