@@ -322,9 +322,10 @@ REDIS_SERVER = shutil.which("redis-server") or (
 class RedisServer:
     """A throw-away redis-server on a free loopback port, append-only file on (so a restart keeps data)."""
 
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None) -> None:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="redis-"))
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisServer:
@@ -335,6 +336,7 @@ class RedisServer:
             pytest.skip(msg)
         args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"]
         args += ["--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")]
+        args += ["--requirepass", self.password] if self.password else []
         self.proc = subprocess.Popen([REDIS_SERVER, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port, self.proc)
         return self

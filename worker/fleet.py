@@ -117,6 +117,7 @@ def render(fleet: FleetState) -> Table:
         "run/wait",
         "tok/s",
         "TTFT p50",
+        "state store",
         "seen",
     ):
         table.add_column(col, no_wrap=col in ("worker", "GPU mem"))
@@ -139,9 +140,20 @@ def render(fleet: FleetState) -> Table:
             f"{eng.running}/{eng.waiting}" if eng else "-",
             f"{eng.gen_tok_per_s:.0f}" if eng else "-",
             f"{eng.ttft_ms_p50:.0f} ms" if eng else "-",
+            _store(tele),
             f"{now - view.last_seen:.0f}s ago",
         )
     return table
+
+
+def _store(tele: TelemetryReport | None) -> Text:
+    """Where the worker's sessions live, and whether that backend answers (a DOWN store refuses turns)."""
+    if tele is None or tele.state is None:
+        return Text("-")
+    st = tele.state
+    if not st.healthy:
+        return Text(f"{st.backend} DOWN", style="bold red")
+    return Text(st.backend + (f" {st.latency_ms:.1f} ms" if st.latency_ms is not None else ""))
 
 
 class PrometheusCollector:
@@ -193,4 +205,13 @@ class PrometheusCollector:
                 mem.add_metric([v.worker, str(g.index)], float(g.mem_used_mib * 2**20))
             for project, counters in (v.telemetry.projects if v.telemetry else {}).items():
                 total.add_metric([v.worker, project], float(counters.requests))
-        yield from (up, mem, total)
+        store = GaugeMetricFamily(
+            "vllm_worker:state_healthy",
+            "1 when the state backend (memory, redis) answers",
+            labels=["worker", "backend"],
+        )
+        for v in views:
+            if v.telemetry is not None and v.telemetry.state is not None:
+                st = v.telemetry.state
+                store.add_metric([v.worker, st.backend], 1.0 if st.healthy else 0.0)
+        yield from (up, mem, total, store)

@@ -266,6 +266,27 @@ async def test_redis_away_fails_fast_then_recovers_by_itself():
             server.stop()
 
 
+async def test_a_password_protected_redis_works_and_a_wrong_password_is_logged_without_it(capsys):
+    server = RedisServer(password="right-pw").start()
+    try:
+        good = RedisState(f"redis://:right-pw@127.0.0.1:{server.port}/0", "auth/", MemoryLimits(), op_timeout_s=0.5)
+        async with good:
+            await good.append(KEY, Turn("q", "a", 2), None, 100)
+            assert good.health().healthy
+        bad = RedisState(f"redis://:wrong-s3cret@127.0.0.1:{server.port}/0", "auth/", MemoryLimits(), op_timeout_s=0.5)
+        async with bad:
+            assert not bad.health().healthy
+            with pytest.raises(StateUnavailableError):
+                await bad.load(KEY)
+    finally:
+        server.stop()
+    out = capsys.readouterr()
+    logged = out.out + out.err
+    assert "state.unavailable" in logged
+    assert "wrong-s3cret" not in logged
+    assert "right-pw" not in logged
+
+
 def test_the_password_never_reaches_a_log_line():
     assert redact("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
     assert "s3cret" not in redact("rediss://user:s3cret@host/1")

@@ -7,6 +7,7 @@ from worker.reports import (
     GpuReport,
     ProcessReport,
     ProjectReport,
+    StateReport,
     StatusReport,
     TelemetryReport,
 )
@@ -24,7 +25,7 @@ def status(worker: str, state: str) -> bytes:
     ).to_json()
 
 
-def telemetry(worker: str) -> bytes:
+def telemetry(worker: str, store: StateReport | None = None) -> bytes:
     return TelemetryReport(
         ts="now",
         worker=worker,
@@ -43,6 +44,7 @@ def telemetry(worker: str) -> bytes:
         engine=EngineReport(running=3, waiting=1, kv_cache_usage=0.25, gen_tok_per_s=120, ttft_ms_p50=41),
         projects={"maze": ProjectReport(requests=7)},
         process=ProcessReport(rss_mib=900, uptime_s=60),
+        state=store or StateReport(backend="redis", healthy=True, latency_ms=0.4),
     ).to_json()
 
 
@@ -73,6 +75,19 @@ def test_live_table_renders_workers_states_and_gpu_memory():
     assert "39/78G" in text
     assert "25%" in text
     assert "3/1" in text
+    assert "redis 0.4 ms" in text
+
+
+def test_a_worker_whose_state_store_is_down_shows_it():
+    fleet = FleetState()
+    down = StateReport(backend="redis", healthy=False, degraded=True)
+    assert fleet.handle("vllm-worker/w/telemetry", telemetry("w", down))
+    console = Console(record=True, width=200, color_system=None)
+    console.print(render(fleet))
+    assert "redis DOWN" in console.export_text()
+    registry = CollectorRegistry()
+    registry.register(PrometheusCollector(fleet))
+    assert 'vllm_worker:state_healthy{backend="redis",worker="w"} 0.0' in generate_latest(registry).decode()
 
 
 def test_silent_worker_turns_stale_and_snapshot_reports_it():
@@ -94,3 +109,4 @@ def test_prometheus_exposition_uses_vllm_names_with_worker_label():
     assert 'vllm_worker:up{state="offline",worker="gpu-b-0"} 0.0' in text
     assert 'vllm_worker:gpu_memory_used_bytes{gpu="0",worker="gpu-a-0"}' in text
     assert 'vllm_worker:requests_total{project="maze",worker="gpu-a-0"} 7.0' in text
+    assert 'vllm_worker:state_healthy{backend="redis",worker="gpu-a-0"} 1.0' in text

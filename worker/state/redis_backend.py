@@ -161,27 +161,31 @@ class RedisState:
 
     @contextlib.asynccontextmanager
     async def lock(self, key: SessionKey) -> AsyncIterator[None]:
-        """See `State.lock`: a FIFO queue in Redis; waiters poll (10 ms doubling to 200 ms)."""
+        """See `State.lock`: a FIFO queue in Redis; a waiter blocks until woken (or a bounded wait ends)."""
         queue, token = self._session(key, "q"), self._token()
         alive = f"{queue}:a:{token}"
         self._leases[alive] = token
         idle_ms = max(self._lease_ms * 4, round(self._limits.idle_ttl_s * 1000))
+        wake_key, wait_s = f"{queue}:w:{token}", max(0.05, min(0.5, self._op_timeout_s / 2))
         try:
             got = await self._call(lambda: self._enter(keys=[queue], args=[token, self._lease_ms, idle_ms]))
-            delay = 0.01
             while got != 1:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.2)
                 if got == -1:  # our lease lapsed (a long stall): queue again
                     log.warning("state.lock_requeued", project=key[0])
                     got = await self._call(lambda: self._enter(keys=[queue], args=[token, self._lease_ms, idle_ms]))
-                else:
-                    got = await self._call(lambda: self._try(keys=[queue], args=[token]))
+                    continue
+                # woken when we become the head; the bounded wait also catches a holder that died
+                await self._call(lambda: self._blpop(wake_key, wait_s))
+                got = await self._call(lambda: self._try(keys=[queue], args=[token, self._lease_ms]))
             yield
         finally:
             self._leases.pop(alive, None)
             with contextlib.suppress(StateUnavailableError):  # else its lease lapses in lease_s
-                await self._call(lambda: self._leave(keys=[queue], args=[token]))
+                await self._call(lambda: self._leave(keys=[queue], args=[token, self._lease_ms]))
+
+    async def _blpop(self, key: str, wait_s: float) -> object:
+        assert self._r is not None  # noqa: S101
+        return await self._r.blpop([key], timeout=wait_s)
 
     def sessions(self, project: str) -> int | None:  # noqa: ARG002 - the interface's signature
         """Not counted: the fleet's sessions live in Redis, not here."""

@@ -9,18 +9,29 @@ from __future__ import annotations
 
 # A session lock is a FIFO queue of tokens (a Redis list); its head holds the turn. Each token has an
 # "alive" key `{queue}:a:{token}` whose lease its worker renews; a head whose alive key expired (its
-# worker died) is popped by whoever looks next, so a crash never blocks a session for good.
+# worker died) is popped by whoever looks next, so a crash never blocks a session for good. A waiter
+# blocks on its own wake key `{queue}:w:{token}` (BLPOP, bounded), pushed when it becomes the head.
 _HEAD = """
-local function head_is(q, token)
+local function wake(q, lease_ms)
+  local head = redis.call('LINDEX', q, 0)
+  if head then
+    redis.call('RPUSH', q .. ':w:' .. head, '1')
+    redis.call('PEXPIRE', q .. ':w:' .. head, lease_ms)
+  end
+end
+local function head_is(q, token, lease_ms)
+  local purged = false
   for _ = 1, 64 do
     local head = redis.call('LINDEX', q, 0)
     if not head then return -1 end
     if head == token then return 1 end
     if redis.call('EXISTS', q .. ':a:' .. head) == 1 then
+      if purged then wake(q, lease_ms) end
       if redis.call('LPOS', q, token) then return 0 end
       return -1
     end
     redis.call('LPOP', q)
+    purged = true
   end
   return 0
 end
@@ -33,24 +44,29 @@ LOCK_ENTER = (
 redis.call('SET', KEYS[1] .. ':a:' .. ARGV[1], ARGV[1], 'PX', ARGV[2])
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return head_is(KEYS[1], ARGV[1])
+return head_is(KEYS[1], ARGV[1], ARGV[2])
 """
 )
 
 LOCK_TRY = (
     _HEAD
     + """
--- KEYS[1] queue; ARGV token -> 1 holder, 0 waiting, -1 lost (our lease lapsed: enter again)
-return head_is(KEYS[1], ARGV[1])
+-- KEYS[1] queue; ARGV token, lease_ms -> 1 holder, 0 waiting, -1 lost (our lease lapsed: enter again)
+return head_is(KEYS[1], ARGV[1], ARGV[2])
 """
 )
 
-LOCK_LEAVE = """
--- KEYS[1] queue; ARGV token
+LOCK_LEAVE = (
+    _HEAD
+    + """
+-- KEYS[1] queue; ARGV token, lease_ms: leave, and wake the next in line
+local was_head = redis.call('LINDEX', KEYS[1], 0) == ARGV[1]
 redis.call('LREM', KEYS[1], 1, ARGV[1])
-redis.call('DEL', KEYS[1] .. ':a:' .. ARGV[1])
+redis.call('DEL', KEYS[1] .. ':a:' .. ARGV[1], KEYS[1] .. ':w:' .. ARGV[1])
+if was_head then wake(KEYS[1], ARGV[2]) end
 return 1
 """
+)
 
 # Leases this worker holds (alive keys, requestId claims): renewed only while they still hold our value.
 RENEW = """
