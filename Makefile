@@ -9,7 +9,7 @@ EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(EXTRA)
 PROJECTS ?= maze driving
 
-.PHONY: install run test lint unit e2e model clean mosquitto bench
+.PHONY: install run test lint unit e2e model clean mosquitto bench examples
 
 install: $(STAMP)
 
@@ -33,6 +33,28 @@ mosquitto:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients redis-server >/dev/null; \
 		else echo "mosquitto or redis-server missing: sudo apt-get install mosquitto mosquitto-clients redis-server (their tests are skipped without them)" >&2; fi; }
 
+# examples/ tests: umqtt.simple from PyPI (an sdist pip cannot install: fetched and checked by hash)
+# and Node-RED 4 (5 needs Node.js 22; Debian 12 has 18-20) from npm, into .cache/. Without npm the
+# Node-RED test says so and is skipped.
+UMQTT_URL := https://files.pythonhosted.org/packages/bd/cf/697e3418b2f44222b3e848078b1e33ee76aedca9b6c2430ca1b1aec1ce1d/micropython-umqtt.simple-1.3.4.tar.gz
+UMQTT_SHA256 := b6a2520239e3992c63a7de9370ee9b3d9d27819a90359c521f1c0f7ccab8d12f
+NODE_RED_VERSION := 4.1.8
+
+examples: .cache/umqtt/umqtt/simple.py .cache/node-red/.installed-$(NODE_RED_VERSION)
+
+.cache/umqtt/umqtt/simple.py:
+	@mkdir -p .cache/umqtt/umqtt
+	$(PYTHON) -c "import hashlib, io, sys, tarfile, urllib.request; \
+		data = urllib.request.urlopen('$(UMQTT_URL)', timeout=60).read(); \
+		assert hashlib.sha256(data).hexdigest() == '$(UMQTT_SHA256)', 'umqtt.simple: hash mismatch'; \
+		member = tarfile.open(fileobj=io.BytesIO(data)).extractfile('micropython-umqtt.simple-1.3.4/umqtt/simple.py'); \
+		open('$@', 'wb').write(member.read())"
+
+.cache/node-red/.installed-$(NODE_RED_VERSION):
+	@if command -v npm >/dev/null; then \
+		npm install --prefix .cache/node-red --no-audit --no-fund --loglevel=error node-red@$(NODE_RED_VERSION) && touch $@; \
+	else echo "npm missing: the Node-RED example's test is skipped (apt-get install nodejs npm)" >&2; fi
+
 model: install
 	$(BIN)/vllm-worker model prepare
 
@@ -40,18 +62,18 @@ run: model
 	$(BIN)/vllm-worker --projects $(PROJECTS)
 
 lint: install
-	$(BIN)/ruff check worker tests benchmarks
-	$(BIN)/ruff format --check worker tests benchmarks
+	$(BIN)/ruff check worker tests benchmarks examples
+	$(BIN)/ruff format --check worker tests benchmarks examples
 	$(BIN)/mypy
 
-unit: install mosquitto
+unit: install mosquitto examples
 	$(BIN)/pytest -q -m "not e2e" tests
 
 e2e: model
 	$(BIN)/pytest -q -m e2e tests
 
 # pytest exits 5 when it collects nothing: that is a failure here, said out loud.
-test: model mosquitto lint
+test: model mosquitto examples lint
 	@$(BIN)/pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: FAILED: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -356,3 +356,13 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+
+def status_ready(got, worker_id: str) -> bool:
+    return any(m.topic == f"vllm-worker/{worker_id}/status" and json.loads(m.payload)["state"] == "ready" for m in got)
+
+
+async def wait_ready(port: int, *ids: str) -> None:
+    """Until every worker of `ids` has published status `ready`."""
+    async with peer(port, ["vllm-worker/+/status"], client_id="ready-watch", protocol="5") as p:
+        await p.wait_for(lambda got: all(status_ready(got, i) for i in ids), timeout_s=30)

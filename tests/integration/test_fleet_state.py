@@ -13,8 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from support import ROOT, Mosquitto, RedisServer, bodies, peer, worker_subprocess
-from test_scaleout import wait_ready
+from support import ROOT, Mosquitto, RedisServer, bodies, peer, wait_ready, worker_subprocess
 
 from worker.client import Client
 from worker.config import BrokerConfig

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from support import DeployedMosquitto, Mosquitto, peer, running_worker, until, worker_subprocess
+from support import DeployedMosquitto, Mosquitto, peer, running_worker, until, wait_ready, worker_subprocess
 
 from worker.client import Client
 from worker.config import BrokerConfig
@@ -25,15 +25,6 @@ def mosquitto():
     broker = Mosquitto("persistence true\npersistence_location {dir}/\n").start()
     yield broker
     broker.stop()
-
-
-def status_ready(got, worker_id: str) -> bool:
-    return any(m.topic == f"vllm-worker/{worker_id}/status" and json.loads(m.payload)["state"] == "ready" for m in got)
-
-
-async def wait_ready(port: int, *ids: str) -> None:
-    async with peer(port, ["vllm-worker/+/status"], client_id="ready-watch", protocol="5") as p:
-        await p.wait_for(lambda got: all(status_ready(got, i) for i in ids), timeout_s=30)
 
 
 async def ask_many(port: int, n: int, client_id: str = "load", project: str = "general") -> list:

@@ -79,9 +79,13 @@ def classic_answer(text: str) -> bytes:
     return text.encode("utf-8")
 
 
+CLASSIC_ERROR_PREFIX = "Error: "
+"""What starts every classic error reply (clients test for it: examples/README.md)."""
+
+
 def classic_error(error: WorkerError) -> bytes:
     """Classic error payload: `Error: ` plus a human sentence."""
-    return f"Error: {error.message}".encode()
+    return f"{CLASSIC_ERROR_PREFIX}{error.message}".encode()
 
 
 def v2_message(route: Route, seq: int, **fields: Any) -> bytes:  # noqa: ANN401 - JSON values

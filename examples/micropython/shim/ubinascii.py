@@ -1,0 +1,3 @@
+"""CPython stand-in for MicroPython's `ubinascii` (test shim only)."""
+
+from binascii import *

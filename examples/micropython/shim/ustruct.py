@@ -1,0 +1,3 @@
+"""CPython stand-in for MicroPython's `ustruct` (test shim only)."""
+
+from struct import *
