@@ -25,13 +25,16 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 # Integration tests run a real Mosquitto and a real redis-server (Debian packages) on free loopback
-# ports; the README's shell examples use Mosquitto's clients (mosquitto_pub / mosquitto_sub).
+# ports; the README's shell examples use Mosquitto's clients (mosquitto_pub / mosquitto_sub); the
+# console's tests drive Debian's headless Chromium through chromium-driver.
+SERVERS := mosquitto mosquitto-clients redis-server chromium chromium-driver
 mosquitto:
 	@{ command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto; } && command -v mosquitto_pub >/dev/null \
-		&& { command -v redis-server >/dev/null || test -x /usr/bin/redis-server; } || { \
+		&& { command -v redis-server >/dev/null || test -x /usr/bin/redis-server; } \
+		&& test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients redis-server >/dev/null; \
-		else echo "mosquitto or redis-server missing: sudo apt-get install mosquitto mosquitto-clients redis-server (their tests are skipped without them)" >&2; fi; }
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SERVERS) >/dev/null; \
+		else echo "missing: sudo apt-get install $(SERVERS) (their tests are skipped without them)" >&2; fi; }
 
 # examples/ tests: umqtt.simple from PyPI (an sdist pip cannot install: fetched and checked by hash)
 # and Node-RED 4 (5 needs Node.js 22; Debian 12 has 18-20) from npm, into .cache/. Without npm the

@@ -20,7 +20,7 @@ from worker.errors import ConfigError
 from worker.models import DEMO_DIR, check_model_dir, is_prepared, prepare_demo
 from worker.terminal import EXIT_CONFIG, say
 
-COMMANDS = ("serve", "ask", "model", "fleet", "plan", "bench")
+COMMANDS = ("serve", "ask", "model", "fleet", "console", "plan", "bench")
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:  # noqa: ANN401
@@ -228,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": model,
         "ask": commands.ask,
         "fleet": commands.fleet,
+        "console": commands.console,
         "plan": commands.plan,
         "bench": commands.bench,
     }

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -80,6 +80,7 @@ class Client:
         self._subscribed: set[str] = set()
         self._inboxes: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._watcher: Callable[[str, bytes], object] | None = None
 
     async def __aenter__(self) -> Self:
         await self._bus.__aenter__()
@@ -100,6 +101,9 @@ class Client:
         while True:
             msg = await self._bus.messages()
             self._bus.ack(msg)
+            if self._watcher is not None and msg.topic not in self._subscribed:
+                self._watcher(msg.topic, msg.payload)  # e.g. FleetState.handle: validates, never raises
+                continue
             if msg.topic not in self._subscribed:
                 continue  # amqtt delivers retained messages of other filters: ignore what we did not ask for
             try:
@@ -112,6 +116,11 @@ class Client:
             key = str(body["requestId"]) if body.get("requestId") else f"reset:{body.get('sessionId')}"
             if (inbox := self._inboxes.get(key)) is not None:
                 inbox.put_nowait(body)
+
+    async def watch(self, filters: list[str], handler: Callable[[str, bytes], object]) -> None:
+        """Also subscribe `filters` and hand their messages to `handler` (one connection for a console)."""
+        self._watcher = handler
+        await self._bus.subscribe(filters)
 
     async def _ensure_subscribed(self, project: str) -> str:
         topic = self._topics.v2_reply(project, self.client_id)

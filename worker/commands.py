@@ -248,3 +248,65 @@ def bench(argv: Sequence[str]) -> int:
     import subprocess  # noqa: PLC0415
 
     return subprocess.call([sys.executable, str(script), *argv])  # noqa: S603 - our own script
+
+
+def console(argv: Sequence[str]) -> int:
+    """The lab console: fleet charts and a chat playground in the browser."""
+    p = argparse.ArgumentParser(prog="vllm-worker console", description="Fleet charts and a playground in a browser.")
+    p.add_argument("--broker", default=os.environ.get("VLLM_WORKER_BROKER__URL", "mqtt://127.0.0.1:1883"))
+    p.add_argument("--topic-prefix", default="")
+    p.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback requires the token")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--client-id", default=None, help="v2 clientId of the playground (default: as `ask`)")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("VLLM_WORKER_CONSOLE_TOKEN"),
+        help="required to open the console when not on loopback (default: a random one, printed)",
+    )
+    args = p.parse_args(argv)
+    from worker import log  # noqa: PLC0415
+    from worker.config import LogConfig  # noqa: PLC0415
+
+    log.setup(LogConfig(level="warning"))
+    try:
+        return asyncio.run(_console(args))
+    except ConfigError as exc:
+        say(f"error: {exc}")
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _console(args: argparse.Namespace) -> int:
+    import secrets  # noqa: PLC0415
+
+    from aiohttp import web  # noqa: PLC0415
+
+    from worker.client import Client  # noqa: PLC0415
+    from worker.console.samples import Samples  # noqa: PLC0415
+    from worker.console.server import ConsoleApp  # noqa: PLC0415
+    from worker.fleet import FleetState  # noqa: PLC0415
+
+    loopback = args.host in {"localhost", "::1"} or args.host.startswith("127.")
+    token = args.token or (None if loopback else secrets.token_urlsafe(18))
+    broker = BrokerConfig(
+        url=args.broker,
+        username=os.environ.get("VLLM_WORKER_BROKER__USERNAME"),
+        password=os.environ.get("VLLM_WORKER_BROKER__PASSWORD"),
+    )
+    fleet_state = FleetState(topic_prefix=args.topic_prefix)
+    client_id = args.client_id or broker.username or _cli_identity()
+    async with Client(broker, client_id, args.topic_prefix, connection_id=f"console-{secrets.token_hex(4)}") as c:
+        await c.watch(fleet_state.filters, fleet_state.handle)
+        hosts = {"127.0.0.1", "localhost", "::1"} if loopback else None
+        console_app = ConsoleApp(c, Samples(fleet_state), token=token, hosts=hosts)
+        runner = web.AppRunner(console_app.app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, args.host, args.port).start()
+        url = f"http://{'127.0.0.1' if loopback else args.host}:{args.port}/" + (f"?token={token}" if token else "")
+        say(f"console on {url} (broker {args.broker})")
+        try:
+            await console_app.run_sampler()  # runs until Ctrl-C; if it raises, the console exits loudly
+        finally:
+            await runner.cleanup()
+    return 1

@@ -1,0 +1,163 @@
+"""The console's web server (aiohttp): pages, the fleet event stream and the playground API.
+
+One MQTT connection (`Client`) carries both: the fleet's status/telemetry (watched) and the playground's
+v2 requests. The browser gets data, never markup: pages render every broker-sourced string as text.
+
+Who may use it: bound to loopback, anyone on this machine (like `vllm-worker ask`); bound elsewhere, only
+with the token (`?token=` once, then an HttpOnly SameSite=Strict cookie). Always: the Host header must be
+one we serve (DNS rebinding), and a POST must be JSON from our own origin (CSRF). The broker's password
+stays in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+from aiohttp import web
+
+from worker.client import Client
+from worker.console.samples import SAMPLE_S, Samples
+from worker.protocol import is_valid_id
+
+log = structlog.get_logger(__name__)
+STATIC = Path(__file__).parent / "static"
+COOKIE = "vw_console"
+MAX_BODY_BYTES = 64 * 1024
+MAX_MESSAGE_CHARS = 32_000
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ConsoleApp:
+    """Routes and their state; `run_sampler` is the one background loop (supervised by the caller)."""
+
+    def __init__(self, client: Client, samples: Samples, *, token: str | None, hosts: set[str] | None) -> None:
+        self._client = client
+        self._samples = samples
+        self._token = token
+        self._hosts = hosts  # None: any Host (bound to a public address, the token guards it)
+        self._tick = asyncio.Condition()
+        self.app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY_BYTES)
+        self.app.add_routes(
+            [
+                web.get("/", self._page("fleet.html")),
+                web.get("/playground", self._page("playground.html")),
+                web.get("/api/fleet/events", self._fleet_events),
+                web.get("/api/projects", self._projects),
+                web.post("/api/ask", self._ask),
+                web.post("/api/cancel", self._cancel),
+                web.post("/api/reset", self._reset),
+                web.static("/static", STATIC, append_version=False),
+            ]
+        )
+
+    async def run_sampler(self) -> None:
+        """Take a fleet sample every SAMPLE_S and wake every open event stream."""
+        while True:
+            self._samples.take()
+            async with self._tick:
+                self._tick.notify_all()
+            await asyncio.sleep(SAMPLE_S)
+
+    # ---- guard -----------------------------------------------------------------------------------------
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._hosts is not None and (request.host.rsplit(":", 1)[0].strip("[]") not in self._hosts):
+            return web.Response(status=403, text="unknown host")
+        supplied = request.query.get("token") or request.cookies.get(COOKIE) or ""
+        if self._token is not None and not hmac.compare_digest(supplied.encode(), self._token.encode()):
+            return web.Response(status=401, text="this console needs its token: open the URL it printed")
+        if request.method == "POST":
+            origin = request.headers.get("Origin")
+            if request.content_type != "application/json" or (origin and urlsplit(origin).netloc != request.host):
+                return web.Response(status=403, text="JSON from this console's own pages only")
+        response = await handler(request)
+        if self._token is not None and request.query.get("token"):
+            response.set_cookie(COOKIE, self._token, httponly=True, samesite="Strict")
+        response.headers["Content-Security-Policy"] = "default-src 'self'; object-src 'none'; base-uri 'none'"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    # ---- pages and fleet ---------------------------------------------------------------------------------
+    def _page(self, name: str) -> Handler:
+        async def page(_request: web.Request) -> web.StreamResponse:
+            return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-store"})
+
+        return page
+
+    async def _projects(self, _request: web.Request) -> web.StreamResponse:
+        return web.json_response({"projects": self._samples.projects(), "clientId": self._client.client_id})
+
+    async def _fleet_events(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: the last 15 minutes at once, then one sample a second."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        await response.write(_event("history", {"samples": list(self._samples.history)}))
+        while True:
+            async with self._tick:
+                await self._tick.wait()
+            if self._samples.history:
+                await response.write(_event("sample", self._samples.history[-1]))
+
+    # ---- playground ------------------------------------------------------------------------------------
+    async def _ask(self, request: web.Request) -> web.StreamResponse:
+        """Stream one v2 request's chunks and final reply to the browser as Server-Sent Events."""
+        body = await _json(request)
+        body.setdefault("requestId", uuid.uuid4().hex)
+        ids, message = _ids(body, "project", "session", "requestId"), body.get("message")
+        if ids is None:
+            return web.json_response({"error": "project, session and requestId must be ids"}, status=400)
+        project, session, request_id = ids
+        if not isinstance(message, str) or not 0 < len(message) <= MAX_MESSAGE_CHARS:
+            return web.json_response({"error": f"message must be 1-{MAX_MESSAGE_CHARS} characters"}, status=400)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        try:
+            async for chunk in self._client.stream(project, message, session=session, request_id=request_id):
+                if chunk.done and chunk.reply is not None:
+                    await response.write(_event("done", chunk.reply.raw))
+                else:
+                    await response.write(_event("chunk", {"seq": chunk.seq, "delta": chunk.delta}))
+        except TimeoutError:
+            await response.write(_event("failed", {"message": "no answer: is a worker serving this project?"}))
+        except ConnectionResetError:  # the browser went away: stop the generation too
+            await self._client.cancel(project, request_id)
+        return response
+
+    async def _cancel(self, request: web.Request) -> web.StreamResponse:
+        ids = _ids(await _json(request), "project", "requestId")
+        if ids is None:
+            return web.json_response({"error": "project and requestId must be ids"}, status=400)
+        await self._client.cancel(*ids)
+        return web.json_response({"sent": True})
+
+    async def _reset(self, request: web.Request) -> web.StreamResponse:
+        ids = _ids(await _json(request), "project", "session")
+        if ids is None:
+            return web.json_response({"error": "project and session must be ids"}, status=400)
+        return web.json_response({"reset": await self._client.reset(ids[0], ids[1])})
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _ids(body: dict[str, Any], *names: str) -> list[str] | None:
+    """The named fields when every one is a protocol id (topic-safe), else None."""
+    values = [body.get(name) for name in names]
+    return [str(v) for v in values] if all(is_valid_id(v) for v in values) else None
+
+
+def _event(name: str, data: object) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
