@@ -179,12 +179,15 @@ def plan(argv: Sequence[str]) -> int:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--kv-dtype", default="auto", help="auto|fp8")
     p.add_argument("--min-seqs", type=int, default=4, help="full-length sequences each engine must hold")
+    p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size: split each model over this many GPUs")
+    p.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size: stages (e.g. one per node)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
     from worker import plan as planner  # noqa: PLC0415
+    from worker.parallel import Layout  # noqa: PLC0415
 
     try:
         specs = [planner.load_spec(m) for m in args.models]
@@ -195,6 +198,7 @@ def plan(argv: Sequence[str]) -> int:
             max_num_seqs=args.max_num_seqs,
             kv_dtype=args.kv_dtype,
             min_seqs=args.min_seqs,
+            layout=Layout(args.tp, args.pp),
         )
     except ConfigError as exc:
         say(f"error: {exc}")
@@ -202,9 +206,11 @@ def plan(argv: Sequence[str]) -> int:
     if args.json:
         print(result.to_json())
         return 0 if result.fits else 1
+    gpus = f"{args.tp * args.pp} x " if args.tp * args.pp > 1 else ""
+    per_gpu = f" (tp {args.tp}, pp {args.pp}: figures per GPU)" if args.tp * args.pp > 1 else ""
     title = (
-        f"{result.gpu_mem_gib:.0f} GiB GPU ({result.usable_gib:.0f} usable), "
-        f"max_model_len {result.max_model_len}, KV {result.kv_dtype}"
+        f"{gpus}{result.gpu_mem_gib:.0f} GiB GPU ({result.usable_gib:.0f} usable), "
+        f"max_model_len {result.max_model_len}, KV {result.kv_dtype}{per_gpu}"
     )
     table = Table(title=title)
     for col in (

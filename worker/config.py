@@ -114,6 +114,12 @@ class ModelConfig(_Section):
     enable_prefix_caching: bool = True
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     """"priority" lets a request's `priority` field (lower first) reorder the engine's waiting queue."""
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    """GPUs one model's layers are split across (vLLM's TP); heads must divide by it."""
+    pipeline_parallel_size: int = Field(1, ge=1, le=64)
+    """Pipeline stages (vLLM's PP), e.g. one per node with `ray`."""
+    distributed_executor_backend: Literal["mp", "ray"] = "mp"
+    """How vLLM starts the ranks when TP x PP > 1: processes on this host (mp), or a Ray cluster (ray)."""
 
 
 class GenerationConfig(_Section):

@@ -5,7 +5,9 @@ Estimates from each model's `config.json` (architecture facts only):
   zero per group), embeddings and lm_head kept in 16-bit (as AWQ/GPTQ checkpoints do);
 - KV cache per token: layers x kv_heads x head_dim x 2 (K and V) x KV dtype bytes;
 - runtime overhead per engine: CUDA context, activations, CUDA graphs (RUNTIME_OVERHEAD_GIB, a typical
-  figure for vLLM with 7-33B models).
+  figure for vLLM with 7-33B models), per GPU;
+- with tensor/pipeline parallelism, everything per GPU as vLLM shards it (`parallel.rank_bytes`): the
+  largest rank must fit one card.
 A plan fits when every engine gets weights + overhead + KV for at least `min_seqs` full-length sequences
 within the usable budget; the surplus is split in proportion to what each engine could use
 (max_num_seqs full sequences).
@@ -23,6 +25,7 @@ from typing import Any
 
 from worker.config import resolve_path
 from worker.errors import ConfigError
+from worker.parallel import Layout, check_shape, rank_bytes
 
 GIB = 2**30
 GB = 10**9
@@ -69,6 +72,9 @@ class ModelPlan:
     gpu_memory_utilization: float
     budget_gib: float
     max_full_seqs: int
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    """Weights, KV and budget figures are per GPU; the model takes tp x pp GPUs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,21 +164,21 @@ def param_counts(config: Mapping[str, Any]) -> tuple[int, int]:
     return layers * (attn + mlp), embed
 
 
-def weight_bytes(spec: ModelSpec) -> float:
-    """Weights in bytes for the spec's method."""
-    linear, embed = param_counts(spec.config)
+def weight_bytes(spec: ModelSpec, layout: Layout = Layout()) -> float:  # noqa: B008 - frozen dataclass
+    """Weights in bytes for the spec's method, on the largest GPU of `layout` (all of them at tp=pp=1)."""
     per_weight, per_group = METHODS[spec.method]
     extra = BNB4_EXTRA_BYTES if spec.method == "bnb4" else per_group / spec.group_size
     embed_bytes = 1.0 if spec.method in ("fp8", "int8", "bnb8") else 2.0
-    return linear * (per_weight + extra) + embed * embed_bytes
+    return rank_bytes(
+        spec.config, layout, bytes_per_weight=per_weight + extra, embed_bytes=embed_bytes, kv_bytes=2
+    ).weights
 
 
-def kv_bytes_per_token(config: Mapping[str, Any], kv_dtype: str) -> int:
-    """K and V for one token across all layers."""
-    heads = int(config["num_attention_heads"])
-    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
-    kv_heads = int(config.get("num_key_value_heads", heads))
-    return int(config["num_hidden_layers"]) * kv_heads * head_dim * 2 * KV_BYTES.get(kv_dtype, 2)
+def kv_bytes_per_token(config: Mapping[str, Any], kv_dtype: str, layout: Layout = Layout()) -> int:  # noqa: B008
+    """K and V for one token across all layers (on the largest GPU of `layout`)."""
+    return rank_bytes(
+        config, layout, bytes_per_weight=0, embed_bytes=0, kv_bytes=KV_BYTES.get(kv_dtype, 2)
+    ).kv_per_token
 
 
 def plan(
@@ -183,13 +189,15 @@ def plan(
     max_num_seqs: int,
     kv_dtype: str = "auto",
     min_seqs: int = 4,
+    layout: Layout = Layout(),  # noqa: B008 - frozen dataclass
 ) -> Plan:
-    """Place `specs` on one GPU of `gpu_mem_gib`; see the module docstring."""
+    """Place `specs` on GPUs of `gpu_mem_gib` each (one, or tp x pp per model); see the module docstring."""
     usable = gpu_mem_gib * USABLE_FRACTION
     rows = []
     for spec in specs:
-        weights = weight_bytes(spec) / GIB
-        per_tok = kv_bytes_per_token(spec.config, kv_dtype)
+        check_shape(layout, spec.config, method=spec.method, group_size=spec.group_size)
+        weights = weight_bytes(spec, layout) / GIB
+        per_tok = kv_bytes_per_token(spec.config, kv_dtype, layout)
         per_seq = per_tok * max_model_len / GIB
         rows.append((spec, weights, per_tok, per_seq, weights + RUNTIME_OVERHEAD_GIB + min_seqs * per_seq))
     need = sum(r[4] for r in rows)
@@ -215,6 +223,8 @@ def plan(
                 gpu_memory_utilization=round(budget / gpu_mem_gib, 3),
                 budget_gib=round(budget, 2),
                 max_full_seqs=min(seqs, max_num_seqs),
+                tensor_parallel_size=layout.tp,
+                pipeline_parallel_size=layout.pp,
             )
         )
     return Plan(
@@ -248,15 +258,22 @@ def _advice(*, fits: bool, models: list[ModelPlan], need: float, usable: float, 
     return out
 
 
-def check_single(spec: ModelSpec, gpu_mem_gib: float, utilization: float, max_model_len: int) -> None:
-    """Fail before load when one engine's share of the GPU cannot hold its weights and one sequence."""
-    weights = weight_bytes(spec) / GIB
-    per_seq = kv_bytes_per_token(spec.config, "auto") * max_model_len / GIB
+def check_single(
+    spec: ModelSpec,
+    gpu_mem_gib: float,
+    utilization: float,
+    max_model_len: int,
+    layout: Layout = Layout(),  # noqa: B008 - frozen dataclass
+) -> None:
+    """Fail before load when one engine's share of a GPU cannot hold its (per-GPU) weights and one sequence."""
+    weights = weight_bytes(spec, layout) / GIB
+    per_seq = kv_bytes_per_token(spec.config, "auto", layout) * max_model_len / GIB
     budget = gpu_mem_gib * utilization
     if weights + RUNTIME_OVERHEAD_GIB + per_seq > budget:
         raise ConfigError(
-            f"{spec.name} ({spec.method}) needs ~{weights:.1f} GiB of weights + {RUNTIME_OVERHEAD_GIB:.0f} GiB "
-            f"runtime + {per_seq:.1f} GiB KV for one {max_model_len}-token sequence, but gets "
+            f"{spec.name} ({spec.method}, {layout.label}) needs ~{weights:.1f} GiB of weights + "
+            f"{RUNTIME_OVERHEAD_GIB:.0f} GiB runtime + {per_seq:.1f} GiB KV for one {max_model_len}-token "
+            "sequence per GPU, but gets "
             f"{budget:.1f} GiB ({utilization:.2f} x {gpu_mem_gib:.0f} GiB). Quantize it (AWQ ~3.5x smaller), "
             "raise --gpu-memory-utilization, or shorten --max-model-len (see `vllm-worker plan`)."
         )

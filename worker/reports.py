@@ -23,6 +23,15 @@ class _Wire(BaseModel):
         return self.model_dump_json(by_alias=True).encode()
 
 
+class ParallelReport(_Wire):
+    """How the model is split: vLLM's tensor/pipeline parallel sizes, executor backend and the GPUs used."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    backend: str = "mp"
+    visible_devices: str | None = None
+
+
 class StatusReport(_Wire):
     """`vllm-worker/{workerId}/status`, retained; also the Last Will (state offline)."""
 
@@ -33,6 +42,8 @@ class StatusReport(_Wire):
     quantization: str
     version: str
     since: str
+    parallel: ParallelReport | None = None
+    """Absent from workers older than the parallel settings."""
 
 
 class GpuReport(_Wire):

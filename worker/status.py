@@ -20,7 +20,7 @@ from worker.bus import Bus
 from worker.config import WorkerConfig
 from worker.engine.base import Engine
 from worker.errors import EngineDeadError
-from worker.reports import ProjectReport, State, StateReport, StatusReport, TelemetryReport
+from worker.reports import ParallelReport, ProjectReport, State, StateReport, StatusReport, TelemetryReport
 from worker.sessions import SessionStore
 from worker.state import State as StateStore
 from worker.telemetry import GpuProbe, collect_process, engine_report, process_tree_pids
@@ -74,6 +74,12 @@ class StatusReporter:
             quantization=self._quantization(),
             version=__version__,
             since=_now_iso(),
+            parallel=ParallelReport(
+                tensor_parallel_size=self._cfg.model.tensor_parallel_size,
+                pipeline_parallel_size=self._cfg.model.pipeline_parallel_size,
+                backend=self._cfg.model.distributed_executor_backend,
+                visible_devices=self._cfg.model.visible_devices,
+            ),
         ).to_json()
 
     async def publish_status(self, state: State) -> None:
@@ -89,7 +95,7 @@ class StatusReporter:
     async def telemetry(self) -> TelemetryReport:
         """One telemetry snapshot; blocking collection (NVML, /proc) runs off the event loop."""
         pids = await asyncio.to_thread(process_tree_pids)
-        gpus = await asyncio.to_thread(self.gpus.collect, pids)
+        gpus = await asyncio.to_thread(self.gpus.collect, pids, _indices(self._cfg.model.visible_devices))
         process = await asyncio.to_thread(collect_process, self.started)
         projects = {
             name: ProjectReport(
@@ -134,6 +140,14 @@ class StatusReporter:
             except EngineDeadError:
                 on_engine_death()
                 await asyncio.Event().wait()  # the worker is stopping: wait to be cancelled, never "end"
+
+
+def _indices(visible_devices: str | None) -> set[int] | None:
+    """The GPUs this worker's engine uses (all its ranks), or None for every GPU on the host."""
+    if not visible_devices:
+        return None
+    parts = [p.strip() for p in visible_devices.split(",")]
+    return {int(p) for p in parts if p.isdigit()} or None
 
 
 def _state_report(store: StateStore | None) -> StateReport | None:

@@ -24,7 +24,8 @@ import structlog
 
 from worker import plan as planner
 from worker.broker import EmbeddedBroker
-from worker.config import WorkerConfig, resolve_path
+from worker.config import ModelEntry, WorkerConfig, resolve_path
+from worker.parallel import Layout
 from worker.telemetry import GpuProbe
 
 log = structlog.get_logger(__name__)
@@ -40,26 +41,76 @@ def split_gpu(cfg: WorkerConfig) -> list[float | None]:
     gpus = GpuProbe().collect(set())
     if not gpus:
         return [None] * len(cfg.models)
-    total_gib = gpus[0].mem_total_mib / 1024
-    specs = []
-    for entry in cfg.models:
-        config = json.loads((resolve_path(entry.path) / "config.json").read_text(encoding="utf-8"))
-        method = entry.quantization if entry.quantization not in ("auto", "none") else "none"
-        detected = planner.spec_from_config(Path(entry.path).name, config, method)
-        specs.append(detected)
-    result = planner.plan(
-        specs,
-        total_gib,
-        max_model_len=max(e.max_model_len for e in cfg.models),
-        max_num_seqs=max(e.max_num_seqs for e in cfg.models),
-    )
-    if not result.fits:
-        from worker.errors import ConfigError  # noqa: PLC0415
+    return plan_models(cfg, [g.mem_total_mib / 1024 for g in gpus])
 
-        raise ConfigError("the models do not fit on this GPU: " + "; ".join(result.advice))
-    return [
-        e.gpu_memory_utilization or m.gpu_memory_utilization for e, m in zip(cfg.models, result.models, strict=True)
-    ]
+
+def plan_models(cfg: WorkerConfig, gpu_total_gib: list[float]) -> list[float | None]:
+    """Plan each group of models that share GPUs (same `visible_devices`) on those GPUs' size.
+
+    A model may span GPUs (tensor/pipeline parallel); models on disjoint GPUs are planned apart, models on
+    the same GPUs together (with one layout); partly overlapping device sets are refused: the planner could
+    not give each GPU a budget.
+    """
+    from worker.errors import ConfigError  # noqa: PLC0415
+
+    groups: dict[str, list[int]] = {}
+    for index, entry in enumerate(cfg.models):
+        groups.setdefault(entry.visible_devices or "0", []).append(index)
+    device_sets = {key: _devices(key) for key in groups}
+    _check_disjoint(device_sets)
+    result: list[float | None] = [None] * len(cfg.models)
+    for key, indices in groups.items():
+        entries = [cfg.models[i] for i in indices]
+        layout = _group_layout(key, entries, device_sets[key], len(gpu_total_gib))
+        specs = []
+        for entry in entries:
+            config = json.loads((resolve_path(entry.path) / "config.json").read_text(encoding="utf-8"))
+            method = entry.quantization if entry.quantization not in ("auto", "none") else "none"
+            specs.append(planner.spec_from_config(Path(entry.path).name, config, method))
+        planned = planner.plan(
+            specs,
+            min(gpu_total_gib[d] for d in device_sets[key]),
+            max_model_len=max(e.max_model_len for e in entries),
+            max_num_seqs=max(e.max_num_seqs for e in entries),
+            layout=layout,
+        )
+        if not planned.fits:
+            raise ConfigError(f"the models on GPUs {key!r} do not fit: " + "; ".join(planned.advice))
+        for i, entry, m in zip(indices, entries, planned.models, strict=True):
+            result[i] = entry.gpu_memory_utilization or m.gpu_memory_utilization
+    return result
+
+
+def _group_layout(key: str, entries: list[ModelEntry], devices: set[int], host_gpus: int) -> Layout:
+    """The one layout of the models on GPUs `key`, checked against the GPUs named and present."""
+    from worker.errors import ConfigError  # noqa: PLC0415
+
+    layouts = {Layout(e.tensor_parallel_size, e.pipeline_parallel_size) for e in entries}
+    if len(layouts) > 1:
+        raise ConfigError(f"models sharing GPUs {key!r} must use the same tensor/pipeline parallel sizes")
+    layout = layouts.pop()
+    if len(devices) < layout.world or max(devices, default=0) >= host_gpus:
+        raise ConfigError(
+            f"{layout.label} needs {layout.world} GPU(s): visible_devices {key!r} names {len(devices)}, "
+            f"and this host has GPUs 0-{host_gpus - 1}"
+        )
+    return layout
+
+
+def _check_disjoint(device_sets: dict[str, set[int]]) -> None:
+    from worker.errors import ConfigError  # noqa: PLC0415
+
+    keys = list(device_sets)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            if device_sets[a] & device_sets[b]:
+                raise ConfigError(
+                    f"models on GPUs {a!r} and {b!r} overlap: models sharing a GPU need one visible_devices"
+                )
+
+
+def _devices(visible_devices: str) -> set[int]:
+    return {int(p) for p in visible_devices.replace(" ", "").split(",") if p.isdigit()}
 
 
 class Supervisor:

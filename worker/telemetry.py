@@ -44,14 +44,19 @@ class GpuProbe:
             self.available = False
         return self.available
 
-    def collect(self, pids: set[int]) -> list[GpuReport]:
-        """Memory and utilisation per GPU, plus what the given processes hold on each (blocking)."""
+    def collect(self, pids: set[int], only: set[int] | None = None) -> list[GpuReport]:
+        """Memory and utilisation per GPU (`only` those indices: the engine's), and what `pids` hold on each.
+
+        `pids` is the worker's process tree, so every engine rank on this host is counted (blocking call).
+        """
         if not self._init():
             return []
         nv = self._nvml
         try:
             gpus = []
             for index in range(nv.nvmlDeviceGetCount()):
+                if only is not None and index not in only:
+                    continue
                 handle = nv.nvmlDeviceGetHandleByIndex(index)
                 mem = nv.nvmlDeviceGetMemoryInfo(handle)
                 try:

@@ -21,6 +21,7 @@ from typing import Any, Self
 import psutil
 import structlog
 
+from worker import parallel
 from worker import plan as planner
 from worker.config import ModelConfig
 from worker.engine.base import Delta, EngineStats, Prompt
@@ -38,6 +39,7 @@ def prepare_environment(cfg: ModelConfig, *, on_cpu: bool, kv_space_gib: int = 1
     """Set the env vars vLLM reads at import/start; explicit user settings win (setdefault)."""
     if cfg.visible_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cfg.visible_devices
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's indices = NVML's (telemetry)
     if on_cpu:
         # MP=0 drops the extra Worker process on CPU: start 24 s -> 13 s, and both cores compute.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -104,12 +106,34 @@ class VllmEngine:
         log.info(
             "engine.quantization", method=self._plan.method, kernel=self._plan.kernel, notes=list(self._plan.notes)
         )
+        layout = self.layout
+        spec = planner.spec_from_config(self.model_name, model_config, self._plan.method)
+        cores = sorted(os.sched_getaffinity(0))
+        parallel.check(
+            layout,
+            model_config,
+            gpus=_gpu_count() if device.kind == "cuda" else None,
+            cpu_cores=len(cores),
+            method=self._plan.method,
+            group_size=spec.group_size,
+        )
+        if layout.world > 1 and layout.backend == "ray":
+            parallel.check_ray(layout)
+        if layout.world > 1 and on_cpu:  # one disjoint core range per rank, or they fight for the same cores
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", parallel.cpu_binding(layout, cores))
+        if layout.world > 1:
+            log.info("engine.parallel", layout=layout.label, cpu_bind=os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
         if device.kind == "cuda":
-            spec = planner.spec_from_config(self.model_name, model_config, self._plan.method)
-            planner.check_single(spec, _gpu_total_gib(), cfg.gpu_memory_utilization, cfg.max_model_len)
+            planner.check_single(spec, _gpu_total_gib(), cfg.gpu_memory_utilization, cfg.max_model_len, layout)
         else:
             log.info("engine.cpu_kv_cache", gib=os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
         return self._plan
+
+    @property
+    def layout(self) -> parallel.Layout:
+        """How the model is split across GPUs (or CPU ranks)."""
+        c = self._cfg
+        return parallel.Layout(c.tensor_parallel_size, c.pipeline_parallel_size, c.distributed_executor_backend)
 
     def _engine_args(self, *, on_cpu: bool) -> Any:  # noqa: ANN401 - vllm's AsyncEngineArgs, imported late
         from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: PLC0415 - import after env is set
@@ -117,6 +141,14 @@ class VllmEngine:
         cfg = self._cfg
         quantization = self.preflight().engine_arg
         eager = cfg.enforce_eager if cfg.enforce_eager is not None else on_cpu
+        layout = self.layout
+        split: dict[str, Any] = {}
+        if layout.world > 1:  # with one rank, vLLM's own choice (in-process) stays: no executor processes
+            split = {
+                "tensor_parallel_size": layout.tp,
+                "pipeline_parallel_size": layout.pp,
+                "distributed_executor_backend": layout.backend,
+            }
         return AsyncEngineArgs(
             model=str(self._model_dir),
             served_model_name=self.model_name,
@@ -131,6 +163,7 @@ class VllmEngine:
             enable_prefix_caching=cfg.enable_prefix_caching,
             scheduling_policy=cfg.scheduling_policy,
             use_tqdm_on_load=os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper() in {"DEBUG", "INFO"},
+            **split,
         )
 
     def _start(self) -> None:
@@ -264,6 +297,12 @@ def _device() -> Device:
         return Device("cpu")
     capability = current_platform.get_device_capability()
     return Device("cuda", capability.to_int() if capability else None, str(current_platform.get_device_name()))
+
+
+def _gpu_count() -> int:
+    from vllm.platforms import current_platform  # noqa: PLC0415
+
+    return int(current_platform.device_count())
 
 
 def _gpu_total_gib() -> float:
