@@ -48,6 +48,9 @@ def serve_parser() -> argparse.ArgumentParser:
     _flag(p, "max_tokens", type=int, help="default answer length cap")
     _flag(p, "max_history_tokens", type=int)
     _flag(p, "enforce_eager", action=argparse.BooleanOptionalAction)
+    _flag(p, "tensor_parallel_size", type=int, help="split the model across this many GPUs (vLLM TP)")
+    _flag(p, "pipeline_parallel_size", type=int, help="pipeline stages (vLLM PP), e.g. one per node")
+    _flag(p, "distributed_executor_backend", choices=["mp", "ray"], help="mp: this host; ray: a Ray cluster")
     _flag(p, "broker", help="mqtt://host:port or mqtts://host:port (default: embedded broker on 127.0.0.1:1883)")
     _flag(p, "port", type=int, help="port of the embedded broker (default 1883)")
     _flag(p, "mqtt_username")
@@ -74,6 +77,9 @@ def flags_to_config(args: argparse.Namespace) -> dict[str, Any]:
         "max_num_seqs": ("model", "max_num_seqs"),
         "max_num_batched_tokens": ("model", "max_num_batched_tokens"),
         "enforce_eager": ("model", "enforce_eager"),
+        "tensor_parallel_size": ("model", "tensor_parallel_size"),
+        "pipeline_parallel_size": ("model", "pipeline_parallel_size"),
+        "distributed_executor_backend": ("model", "distributed_executor_backend"),
         "max_tokens": ("generation", "max_tokens"),
         "max_history_tokens": ("sessions", "max_history_tokens"),
         "broker": ("broker", "url"),

@@ -96,8 +96,7 @@ def check(
 ) -> None:
     """Refuse a layout that cannot work, before load. `gpus`: visible GPUs (None: CPU host)."""
     check_shape(layout, config, method=method, group_size=group_size)
-    if layout.backend == "mp":  # with ray, the cluster's GPUs are checked by `check_ray` (it connects)
-        _check_devices(layout, gpus, cpu_cores)
+    _check_devices(layout, gpus, cpu_cores)
 
 
 def check_shape(layout: Layout, config: Mapping[str, Any], *, method: str = "none", group_size: int = 128) -> None:
@@ -131,6 +130,13 @@ def _check_split(s: Shape, layout: Layout) -> None:
 
 
 def _check_devices(layout: Layout, gpus: int | None, cpu_cores: int) -> None:
+    if gpus is None and layout.backend == "ray":
+        raise ConfigError(
+            "vLLM's CPU backend cannot run the ray executor (it says: current platform cpu does not support "
+            'ray): use distributed_executor_backend = "mp" on CPU hosts'
+        )
+    if layout.backend == "ray":
+        return  # the cluster's GPUs are checked by `check_ray` (it connects)
     if gpus is None:
         if cpu_cores < layout.world:
             raise ConfigError(

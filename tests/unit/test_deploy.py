@@ -38,6 +38,25 @@ def test_compose_has_mosquitto_valkey_two_workers_and_the_fleet_view():
     assert "--requirepass" in valkey["command"]
 
 
+def test_the_ray_recipe_runs_one_split_replica_with_the_acl_unchanged():
+    head = yaml.safe_load((DEPLOY / "ray" / "compose.head.yaml").read_text())["services"]
+    node = yaml.safe_load((DEPLOY / "ray" / "compose.node.yaml").read_text())["services"]
+    command = head["worker"]["command"]
+    flags = {arg: command[i + 1] for i, arg in enumerate(command[:-1]) if arg.startswith("--")}
+    assert flags["--distributed-executor-backend"] == "ray"
+    assert int(flags["--tensor-parallel-size"]) * int(flags["--pipeline-parallel-size"]) == 4
+    assert flags["--broker"].endswith(":1884")  # the worker listener: same password file and acl-workers
+    assert "VLLM_WORKER_BROKER__PASSWORD" in head["worker"]["environment"]
+    assert "--block" in head["ray-head"]["entrypoint"]
+    assert any("--address=" in arg for arg in node["ray-node"]["entrypoint"])
+    model = {
+        "tensor_parallel_size": int(flags["--tensor-parallel-size"]),
+        "pipeline_parallel_size": int(flags["--pipeline-parallel-size"]),
+        "distributed_executor_backend": flags["--distributed-executor-backend"],
+    }
+    WorkerConfig.model_validate({"model": model})
+
+
 def test_systemd_unit_restarts_on_failure_and_waits_for_the_drain():
     unit = (DEPLOY / "systemd" / "vllm-worker.service").read_text()
     assert re.search(r"^Restart=on-failure$", unit, re.MULTILINE)

@@ -117,7 +117,7 @@ class VllmEngine:
             method=self._plan.method,
             group_size=spec.group_size,
         )
-        if layout.world > 1 and layout.backend == "ray":
+        if layout.backend == "ray":
             parallel.check_ray(layout)
         if layout.world > 1 and on_cpu:  # one disjoint core range per rank, or they fight for the same cores
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", parallel.cpu_binding(layout, cores))
@@ -143,7 +143,7 @@ class VllmEngine:
         eager = cfg.enforce_eager if cfg.enforce_eager is not None else on_cpu
         layout = self.layout
         split: dict[str, Any] = {}
-        if layout.world > 1:  # with one rank, vLLM's own choice (in-process) stays: no executor processes
+        if layout.world > 1 or layout.backend == "ray":  # one local rank: vLLM's own choice (in-process)
             split = {
                 "tensor_parallel_size": layout.tp,
                 "pipeline_parallel_size": layout.pp,
