@@ -75,3 +75,38 @@ def quantize(src: Path, out: Path, method: str, say: Say) -> Path:
     (out / MARKER).write_text(json.dumps({"source": str(src.resolve()), "method": method}), encoding="utf-8")
     say(f"{method} checkpoint ready at {out} ({time.perf_counter() - started:.0f} s)")
     return out
+
+
+ADAPTER_TOOL = Path(__file__).resolve().parent / "tools" / "train_adapter.py"
+ADAPTER_META = "vllm_worker_adapter.json"
+DEMO_ADAPTERS = {"maze": "maze-compass"}
+"""Projects with a shipped demo data set (worker/tools/data/) and the adapter it trains."""
+
+
+def demo_adapter(project: str, src: Path, adapters_dir: Path, say: Say) -> Path:
+    """Train (or reuse) the project's demo LoRA for the model at `src` with PEFT (~1 min on 2 cores)."""
+    if project not in DEMO_ADAPTERS:
+        raise ConfigError(f"no demo adapter data for project {project!r} (there is for: {', '.join(DEMO_ADAPTERS)})")
+    if not (src / "config.json").is_file():
+        raise ConfigError(f"{src} is not a HF model directory (no config.json); run `vllm-worker model prepare`")
+    out = adapters_dir / DEMO_ADAPTERS[project]
+    try:
+        meta = json.loads((out / ADAPTER_META).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        meta = {}
+    if meta.get("base") == src.name and (out / "adapter_model.safetensors").is_file():
+        say(f"adapter ready at {out} (cached)")
+        return out
+    say(f"training the {project} demo adapter on {src.name} with PEFT (LoRA rank 8, ~1 min on 2 cores)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(ADAPTER_TOOL), "--base", str(src), "--out", str(out)]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:  # noqa: S603
+        assert proc.stdout is not None  # noqa: S101
+        for line in proc.stdout:
+            say(line.rstrip())  # one line per 20 steps: the progress
+        err = proc.stderr.read() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise ConfigError(f"training the adapter failed (exit {proc.returncode}):\n{err[-2000:]}")
+    shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+    say(f'adapter ready at {out}: set `adapter = "{shown}"` in topics/{project}.toml')
+    return out

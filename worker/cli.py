@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -136,14 +137,27 @@ def serve(argv: Sequence[str]) -> int:
         else:
             from worker.engine.vllm import VllmEngine  # noqa: PLC0415
 
-            engine = VllmEngine(cfg.model, _ensure_model(cfg))
+            model_dir = _ensure_model(cfg)
+            engine = VllmEngine(cfg.model, model_dir, lora=any(p.adapter for p in projects.values()))
             say("checking model and quantization")
             engine.preflight()  # fail fast, exit 2, before any broker traffic or engine load
+            _check_adapters(cfg, projects, model_dir)
         service = Service(cfg, projects, engine, say=say)
         return asyncio.run(_run(service))
     except ConfigError as exc:
         say(f"error: {exc}")
         return EXIT_CONFIG
+
+
+def _check_adapters(cfg: WorkerConfig, projects: dict[str, Any], model_dir: Path) -> None:
+    """Every configured LoRA adapter against the model, before the engine loads (ConfigError: exit 2)."""
+    from worker import adapters  # noqa: PLC0415
+
+    model_config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    for name, project in projects.items():
+        if project.adapter is not None:
+            say(f"checking adapter {project.adapter} for project {name}")
+            adapters.check(resolve_path(project.adapter), model_config, max_lora_rank=cfg.model.max_lora_rank)
 
 
 def _supervise(cfg: WorkerConfig, args: argparse.Namespace) -> int:
@@ -204,8 +218,17 @@ def model(argv: Sequence[str]) -> int:
     quant.add_argument("--method", choices=["awq", "gptq"], required=True)
     quant.add_argument("--src", default=str(ROOT / DEMO_DIR), help="HF model dir (default: the demo model)")
     quant.add_argument("--out", default=None, help="default: <src>-<method>")
+    adapter = sub.add_parser("adapter", help="train a project's demo LoRA adapter with PEFT (cached)")
+    adapter.add_argument("--project", default="maze")
+    adapter.add_argument("--src", default=str(ROOT / DEMO_DIR), help="base model dir (default: the demo model)")
+    adapter.add_argument("--out-dir", default=str(ROOT / "models" / "adapters"))
     args = p.parse_args(argv)
     try:
+        if args.action == "adapter":
+            from worker.checkpoints import demo_adapter  # noqa: PLC0415
+
+            demo_adapter(args.project, Path(args.src), Path(args.out_dir), say)
+            return 0
         if args.action == "quantize":
             from worker.checkpoints import quantize  # noqa: PLC0415
 

@@ -120,6 +120,15 @@ class ModelConfig(_Section):
     """Pipeline stages (vLLM's PP), e.g. one per node with `ray`."""
     distributed_executor_backend: Literal["mp", "ray"] = "mp"
     """How vLLM starts the ranks when TP x PP > 1: processes on this host (mp), or a Ray cluster (ray)."""
+    enable_lora: bool | None = None
+    """Serve LoRA adapters; None = when a served project names one (true also allows hot-loading later)."""
+    max_loras: int = Field(4, ge=1, le=64)
+    """Adapters in one batch (vLLM's max_loras): each slot costs GPU memory (see `vllm-worker plan`)."""
+    max_lora_rank: int = Field(16, ge=1, le=512)
+    max_cpu_loras: int | None = Field(None, ge=1)
+    """Adapters kept loaded in host memory (vLLM's max_cpu_loras; None = max_loras)."""
+    adapters_dir: str = "models/adapters"
+    """Hot swap (control topic) loads adapters from directories under this one only."""
 
 
 class GenerationConfig(_Section):

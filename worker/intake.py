@@ -14,6 +14,7 @@ import structlog
 
 from worker import protocol
 from worker.admission import Admission
+from worker.control import Control
 from worker.errors import EngineError, RequestCancelledError, StateUnavailableError, WorkerError
 from worker.jobs import Job, JobTable
 from worker.message import InboundMessage
@@ -38,6 +39,8 @@ class Intake:
         admission: Admission,
         jobs: JobTable,
         pipeline: Pipeline,
+        control_topic: str | None = None,
+        control: Control | None = None,
     ) -> None:
         self._projects = projects
         self._topics = topics
@@ -45,6 +48,8 @@ class Intake:
         self._admission = admission
         self._jobs = jobs
         self._pipeline = pipeline
+        self._control_topic = control_topic
+        self._worker_control = control
         self._counters: Counter[tuple[str, str]] = pipeline.counters
         self._warned: set[str] = set()
 
@@ -70,6 +75,9 @@ class Intake:
         if msg.retain:  # a stored message replayed on subscribe: it would be answered at every start
             self._count(self._project_of(msg.topic), "retained_ignored")
             log.warning("request.retained_ignored", topic=msg.topic[:128])
+            return None
+        if msg.topic == self._control_topic and self._worker_control is not None:  # adapters: load, unload
+            self._jobs.reply(self._worker_control.handle(msg.payload))
             return None
         control = self._topics.control_kind(msg.topic)
         if control is not None:

@@ -61,6 +61,8 @@ class Project(BaseModel):
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     limits: SamplingLimits = Field(default_factory=SamplingLimits)
     rate_limit: RateLimit = Field(default_factory=RateLimit)
+    adapter: str | None = None
+    """A PEFT LoRA directory (relative to the checkout, or absolute): this project's requests run with it."""
 
     def capped(self, max_tokens: int) -> Project:
         """A copy with answer-length default and limit capped worker-wide (the old --max_tokens)."""

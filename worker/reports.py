@@ -44,6 +44,8 @@ class StatusReport(_Wire):
     since: str
     parallel: ParallelReport | None = None
     """Absent from workers older than the parallel settings."""
+    adapters: dict[str, str] = Field(default_factory=dict)
+    """project -> the LoRA adapter its requests run with (projects without one are absent)."""
 
 
 class GpuReport(_Wire):
@@ -111,3 +113,5 @@ class TelemetryReport(_Wire):
     process: ProcessReport
     state: StateReport | None = None
     """Absent from workers older than the state layer."""
+    adapters: dict[str, str] = Field(default_factory=dict)
+    """project -> LoRA adapter loaded for it."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from worker.adapters import AdapterTable
 from worker.engine.base import Engine, Prompt
 from worker.errors import (
     EngineDeadError,
@@ -52,6 +53,8 @@ class Pipeline:
     """What `serve` needs: the steps of the path and the few settings that change it."""
 
     engine: Engine
+    adapters: AdapterTable
+    """Each project's current LoRA adapter (a request keeps the one it started with)."""
     state: State
     sessions: SessionStore
     budgets: Callable[[Request], Sequence[Budget]]
@@ -165,13 +168,18 @@ async def _generate(p: Pipeline, request: Request, prompt: Prompt, stream: Strea
     first_token_at: float | None = None
     sampling = dataclasses.replace(request.sampling, ignore_eos=True) if p.ignore_eos else request.sampling
     priority = request.priority if p.priority_scheduling else 0
-    async for delta in p.engine.generate(prompt, sampling, request.request_id, priority):
-        if first_token_at is None and delta.new_tokens:
-            first_token_at = time.monotonic()
-        tokens += delta.new_tokens
-        cached = max(cached, delta.cached_tokens)
-        finish = delta.finish_reason or finish
-        await stream.feed(delta.text, delta.new_tokens)
+    adapter = p.adapters.acquire(request.route.project)
+    try:
+        async for delta in p.engine.generate(prompt, sampling, request.request_id, priority, adapter):
+            if first_token_at is None and delta.new_tokens:
+                first_token_at = time.monotonic()
+            tokens += delta.new_tokens
+            cached = max(cached, delta.cached_tokens)
+            finish = delta.finish_reason or finish
+            await stream.feed(delta.text, delta.new_tokens)
+    finally:
+        if (retired := p.adapters.release(adapter)) is not None:  # replaced, and this was its last request
+            await p.engine.unload_adapter(retired)
     now = time.monotonic()
     return Outcome(
         text=visible_text(request.project, stream.raw_text),

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
-from worker import protocol
+from worker import adapters, protocol
+from worker.adapters import AdapterTable
 from worker.admission import Admission
 from worker.broker import EmbeddedBroker
 from worker.bus import Bus, Will
-from worker.config import WorkerConfig
+from worker.config import WorkerConfig, resolve_path
+from worker.control import Control
 from worker.engine.base import Engine
 from worker.errors import ShuttingDownError
 from worker.intake import Intake
@@ -79,6 +83,8 @@ class Service:
         self._bus: Bus | None = None
         self._sessions: SessionStore | None = None
         self._jobs: JobTable | None = None
+        self._adapters = self._status.adapters = AdapterTable()
+        self._control_topic = f"{cfg.worker.topic_prefix}vllm-worker/{self.worker_id}/control"
 
     async def run(self, stop: asyncio.Event) -> int:
         """Serve until `stop` is set (signal), a loop dies or the engine dies; returns the exit code."""
@@ -88,6 +94,7 @@ class Service:
             await self._status.publish_status("starting")
             stack.push_async_callback(self._status.publish_status, "offline")
             engine = await self._start_engine(stack)
+            await self._load_adapters(engine)
             store = await stack.enter_async_context(open_state(self._cfg))
             intake = self._wire(bus, engine, store)
             await bus.subscribe(self._control_filters() + self._request_filters())
@@ -147,6 +154,7 @@ class Service:
         self._jobs = JobTable(bus.ack, self._admission.release, hold_acks=self._grouped)
         pipeline = Pipeline(
             engine=engine,
+            adapters=self._adapters,
             state=store,
             sessions=self._sessions,
             budgets=self._admission.budgets,
@@ -164,6 +172,17 @@ class Service:
             admission=self._admission,
             jobs=self._jobs,
             pipeline=pipeline,
+            control_topic=self._control_topic,
+            control=Control(
+                engine,
+                self._adapters,
+                list(self._projects),
+                adapters_dir=resolve_path(self._cfg.model.adapters_dir),
+                model_config=_model_config(self._cfg.model.path),
+                max_lora_rank=self._cfg.model.max_lora_rank,
+                publish=lambda body: bus.publish(f"{self._control_topic}/reply", body, qos=1),
+                changed=lambda: self._status.publish_status("ready"),
+            ),
         )
 
     async def _intake(self, bus: Bus, intake: Intake) -> None:
@@ -185,7 +204,21 @@ class Service:
         return filters
 
     def _control_filters(self) -> list[str]:
-        return [t for name in self._projects for t in (self._topics.cancel(name), self._topics.session_reset(name))]
+        filters = [t for name in self._projects for t in (self._topics.cancel(name), self._topics.session_reset(name))]
+        return [*filters, self._control_topic]
+
+    async def _load_adapters(self, engine: Engine) -> None:
+        """Each project's configured LoRA adapter, checked and loaded before any request arrives."""
+        model_config = _model_config(self._cfg.model.path)
+        for name, project in self._projects.items():
+            if project.adapter is None:
+                continue
+            path = resolve_path(project.adapter)
+            rank = adapters.check(path, model_config, max_lora_rank=self._cfg.model.max_lora_rank)
+            adapter = self._adapters.new(path.name, path, rank)
+            await engine.load_adapter(adapter)
+            self._adapters.replace(name, adapter)
+            self._say(f"adapter {adapter.name} serves project {name}")
 
     async def _drain(self, bus: Bus) -> None:
         """Stop intake, let in-flight requests finish within drain_timeout_s, answer the rest."""
@@ -237,6 +270,15 @@ class Service:
 
     def _is_reply_topic(self, topic: str) -> bool:
         return any(protocol.is_reply_topic(topic, prefix) for prefix in self._reply_prefixes)
+
+
+def _model_config(model_path: str) -> dict[str, Any]:
+    """The served model's config.json ({} when there is none, e.g. the fake engine's)."""
+    try:
+        data = json.loads((resolve_path(model_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _label(bus: Bus) -> str:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 import structlog
 
 from worker import __version__
+from worker.adapters import AdapterTable
 from worker.bus import Bus
 from worker.config import WorkerConfig
 from worker.engine.base import Engine
@@ -54,6 +55,7 @@ class StatusReporter:
         self.bus: Bus | None = None
         self.sessions: SessionStore | None = None
         self.store: StateStore | None = None
+        self.adapters: AdapterTable | None = None
         self.engine_ready = False
 
     def _model_name(self) -> str:
@@ -80,6 +82,7 @@ class StatusReporter:
                 backend=self._cfg.model.distributed_executor_backend,
                 visible_devices=self._cfg.model.visible_devices,
             ),
+            adapters=self.adapters.names() if self.adapters is not None else {},
         ).to_json()
 
     async def publish_status(self, state: State) -> None:
@@ -116,6 +119,7 @@ class StatusReporter:
             projects=projects,
             process=process,
             state=_state_report(self.store),
+            adapters=self.adapters.names() if self.adapters is not None else {},
         )
 
     async def telemetry_loop(self) -> None:

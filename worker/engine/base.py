@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, Self
 
+from worker.adapters import Adapter
 from worker.protocol.messages import ChatMessage, Sampling
 
 
@@ -83,11 +84,22 @@ class Engine(Protocol):
         """Tokens in `text` without any template."""
         ...
 
-    def generate(self, prompt: Prompt, sampling: Sampling, request_id: str, priority: int = 0) -> AsyncIterator[Delta]:
+    def generate(
+        self, prompt: Prompt, sampling: Sampling, request_id: str, priority: int = 0, adapter: Adapter | None = None
+    ) -> AsyncIterator[Delta]:
         """Stream deltas; cancelling the consumer aborts the request and frees its KV cache.
 
-        `priority` (lower first) matters only when the engine schedules by priority.
+        `priority` (lower first) matters only when the engine schedules by priority; `adapter` runs the
+        request with that LoRA (batched with requests of other adapters and of none).
         """
+        ...
+
+    async def load_adapter(self, adapter: Adapter) -> None:
+        """Load a LoRA adapter (checked already) so requests can use it; raises `EngineError` if it fails."""
+        ...
+
+    async def unload_adapter(self, adapter: Adapter) -> None:
+        """Drop an adapter no request uses any more."""
         ...
 
     def stats(self) -> EngineStats:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
+from worker.adapters import Adapter
 from worker.engine.base import Delta, EngineStats, Prompt
 from worker.errors import BadRequestError, EngineDeadError, EngineError
 from worker.protocol.messages import ChatMessage, Sampling
@@ -64,6 +65,8 @@ class FakeEngine:
         """Request ids whose consumer cancelled them (the latest KEEP_HISTORY)."""
         self.priorities: list[int] = []
         """Priorities requests arrived with (the latest KEEP_HISTORY)."""
+        self.adapters: dict[int, Adapter] = {}
+        """Loaded adapters by id; a request's answer starts `[<adapter name>] ` when it runs with one."""
         self.dead = False
 
     @property
@@ -99,8 +102,16 @@ class FakeEngine:
         """Whitespace tokens."""
         return len(text.split())
 
+    async def load_adapter(self, adapter: Adapter) -> None:
+        """Remember it (a request naming an adapter that is not loaded fails, as in vLLM)."""
+        self.adapters[adapter.id] = adapter
+
+    async def unload_adapter(self, adapter: Adapter) -> None:
+        """Forget it."""
+        self.adapters.pop(adapter.id, None)
+
     async def generate(
-        self, prompt: Prompt, sampling: Sampling, request_id: str, priority: int = 0
+        self, prompt: Prompt, sampling: Sampling, request_id: str, priority: int = 0, adapter: Adapter | None = None
     ) -> AsyncIterator[Delta]:
         """Yield the scripted answer word by word (a schema-shaped JSON object when a schema is given).
 
@@ -111,6 +122,10 @@ class FakeEngine:
             raise BadRequestError(f"prompt of {len(prompt.token_ids)} tokens leaves no room in {self._max_model_len}")
         _remember(self.priorities, priority)
         answer = schema_example(sampling.json_schema) if sampling.json_schema else self._script(prompt)
+        if adapter is not None:
+            if adapter.id not in self.adapters:
+                raise EngineError(f"adapter {adapter.name} is not loaded")
+            answer = f"[{adapter.name}] {answer}"
         cuts = [i for stop in sampling.stop if (i := answer.find(stop)) >= 0]
         answer = answer[: min(cuts)] if cuts else answer
         words = answer.split(" ")

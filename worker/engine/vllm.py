@@ -23,6 +23,7 @@ import structlog
 
 from worker import parallel
 from worker import plan as planner
+from worker.adapters import Adapter
 from worker.config import ModelConfig
 from worker.engine.base import Delta, EngineStats, Prompt
 from worker.engine.stats import StatsAggregator
@@ -54,9 +55,11 @@ def gpu_present() -> bool:
 class VllmEngine:
     """The real engine; see the module docstring."""
 
-    def __init__(self, cfg: ModelConfig, model_dir: Path) -> None:
+    def __init__(self, cfg: ModelConfig, model_dir: Path, *, lora: bool = False) -> None:
+        """`lora`: start with LoRA support (a served project names an adapter; `enable_lora` overrides)."""
         self._cfg = cfg
         self._model_dir = model_dir
+        self._lora = cfg.enable_lora if cfg.enable_lora is not None else lora
         self._llm: Any = None
         self._tokenizer: Any = None
         # HF fast tokenizers are not safe to call from several threads at once: one dedicated thread.
@@ -143,8 +146,11 @@ class VllmEngine:
         eager = cfg.enforce_eager if cfg.enforce_eager is not None else on_cpu
         layout = self.layout
         split: dict[str, Any] = {}
+        if self._lora:  # LoRA on CPU runs eager (vLLM's Punica CPU wrapper)
+            split |= {"enable_lora": True, "max_loras": cfg.max_loras, "max_lora_rank": cfg.max_lora_rank}
+            split |= {"max_cpu_loras": cfg.max_cpu_loras} if cfg.max_cpu_loras else {}
         if layout.world > 1 or layout.backend == "ray":  # one local rank: vLLM's own choice (in-process)
-            split = {
+            split |= {
                 "tensor_parallel_size": layout.tp,
                 "pipeline_parallel_size": layout.pp,
                 "distributed_executor_backend": layout.backend,
@@ -221,8 +227,22 @@ class VllmEngine:
 
         return await asyncio.get_running_loop().run_in_executor(self._tok_pool, count)
 
+    async def load_adapter(self, adapter: Adapter) -> None:
+        """VLLM's add_lora: loads the weights now, so the first request does not pay for it."""
+        if self._llm is None or not self._lora:
+            raise EngineError("this engine was started without LoRA (model.enable_lora)")
+        try:
+            await self._llm.add_lora(_lora_request(adapter))
+        except Exception as exc:
+            raise EngineError(f"loading adapter {adapter.name} failed: {type(exc).__name__}") from exc
+
+    async def unload_adapter(self, adapter: Adapter) -> None:
+        """VLLM's remove_lora (only once no request uses it: see AdapterTable)."""
+        if self._llm is not None and self._lora:
+            await self._llm.remove_lora(adapter.id)
+
     async def generate(
-        self, prompt: Prompt, sampling: Sampling, request_id: str, priority: int = 0
+        self, prompt: Prompt, sampling: Sampling, request_id: str, priority: int = 0, adapter: Adapter | None = None
     ) -> AsyncIterator[Delta]:
         """Stream DELTA outputs; cancellation propagates into AsyncLLM, which aborts the request."""
         from vllm.exceptions import GracefulHTTPError, VLLMClientError  # noqa: PLC0415
@@ -249,7 +269,8 @@ class VllmEngine:
         )
         try:
             tokens = TokensPrompt(prompt_token_ids=list(prompt.token_ids))
-            stream = self._llm.generate(tokens, params, request_id, priority=priority)
+            lora = _lora_request(adapter) if adapter is not None else None
+            stream = self._llm.generate(tokens, params, request_id, priority=priority, lora_request=lora)
             async for out in stream:
                 completion = out.outputs[0]
                 yield Delta(
@@ -288,6 +309,12 @@ class VllmEngine:
     def inflight(self) -> int:
         """Unfinished requests in AsyncLLM's output processor (an abort removes its request)."""
         return 0 if self._llm is None else int(self._llm.get_num_unfinished_requests())
+
+
+def _lora_request(adapter: Adapter) -> Any:  # noqa: ANN401 - vllm's LoRARequest
+    from vllm.lora.request import LoRARequest  # noqa: PLC0415
+
+    return LoRARequest(adapter.name, adapter.id, adapter.path)
 
 
 def _device() -> Device:
