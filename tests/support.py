@@ -126,7 +126,7 @@ async def running_worker(
         data.setdefault(section, {}).update(values)
     cfg = WorkerConfig.model_validate(data)
     engine = engine or FakeEngine()
-    service = Service(cfg, load_projects("topics", cfg.worker.projects), engine)
+    service = Service(cfg, load_projects(cfg.worker.topics_dir, cfg.worker.projects), engine)
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     async with asyncio.timeout(15):
@@ -366,3 +366,37 @@ async def wait_ready(port: int, *ids: str) -> None:
     """Until every worker of `ids` has published status `ready`."""
     async with peer(port, ["vllm-worker/+/status"], client_id="ready-watch", protocol="5") as p:
         await p.wait_for(lambda got: all(status_ready(got, i) for i in ids), timeout_s=30)
+
+
+def make_adapter(
+    out: Path,
+    *,
+    rank: int = 4,
+    hidden: int = 576,
+    layers: int = 30,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    kv_out: int = 192,
+) -> Path:
+    """A PEFT LoRA directory with zero weights, shaped for the demo model unless told otherwise (the
+    shapes are what the worker checks; zero weights leave the model's answers unchanged)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    dims = {
+        "q_proj": (hidden, hidden),
+        "k_proj": (hidden, kv_out),
+        "v_proj": (hidden, kv_out),
+        "o_proj": (hidden, hidden),
+    }
+    tensors = {}
+    for layer in range(layers):
+        for target in targets:
+            fan_in, fan_out = dims[target]
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{target}"
+            tensors[f"{prefix}.lora_A.weight"] = np.zeros((rank, fan_in), dtype=np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = np.zeros((fan_out, rank), dtype=np.float32)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {"r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets), "peft_type": "LORA"}
+    (out / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "test"}))
+    return out
