@@ -181,6 +181,8 @@ def plan(argv: Sequence[str]) -> int:
     p.add_argument("--min-seqs", type=int, default=4, help="full-length sequences each engine must hold")
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size: split each model over this many GPUs")
     p.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size: stages (e.g. one per node)")
+    p.add_argument("--max-loras", type=int, default=0, help="LoRA adapters per batch (0: no LoRA)")
+    p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     from rich.console import Console  # noqa: PLC0415
@@ -199,6 +201,7 @@ def plan(argv: Sequence[str]) -> int:
             kv_dtype=args.kv_dtype,
             min_seqs=args.min_seqs,
             layout=Layout(args.tp, args.pp),
+            lora=(args.max_loras, args.max_lora_rank) if args.max_loras else None,
         )
     except ConfigError as exc:
         say(f"error: {exc}")

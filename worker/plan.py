@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from worker.adapters import lora_bytes
 from worker.config import resolve_path
 from worker.errors import ConfigError
 from worker.parallel import Layout, check_shape, rank_bytes
@@ -75,6 +76,8 @@ class ModelPlan:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     """Weights, KV and budget figures are per GPU; the model takes tp x pp GPUs."""
+    lora_gib: float = 0.0
+    """LoRA slots vLLM reserves (max_loras x max_lora_rank on every linear layer), included in weights_gib."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,13 +193,20 @@ def plan(
     kv_dtype: str = "auto",
     min_seqs: int = 4,
     layout: Layout = Layout(),  # noqa: B008 - frozen dataclass
+    lora: tuple[int, int] | None = None,
 ) -> Plan:
-    """Place `specs` on GPUs of `gpu_mem_gib` each (one, or tp x pp per model); see the module docstring."""
+    """Place `specs` on GPUs of `gpu_mem_gib` each (one, or tp x pp per model); see the module docstring.
+
+    `lora`: (max_loras, max_lora_rank) when the engines serve LoRA adapters: their slots count as weights.
+    """
     usable = gpu_mem_gib * USABLE_FRACTION
     rows = []
+    lora_gibs = []
     for spec in specs:
         check_shape(layout, spec.config, method=spec.method, group_size=spec.group_size)
-        weights = weight_bytes(spec, layout) / GIB
+        slots = lora_bytes(spec.config, max_loras=lora[0], max_rank=lora[1]) / GIB / layout.world if lora else 0.0
+        lora_gibs.append(slots)
+        weights = weight_bytes(spec, layout) / GIB + slots
         per_tok = kv_bytes_per_token(spec.config, kv_dtype, layout)
         per_seq = per_tok * max_model_len / GIB
         rows.append((spec, weights, per_tok, per_seq, weights + RUNTIME_OVERHEAD_GIB + min_seqs * per_seq))
@@ -206,7 +216,7 @@ def plan(
     demand = [max(0.0, (max_num_seqs - min_seqs) * r[3]) for r in rows]
     total_demand = sum(demand) or 1.0
     models = []
-    for (spec, weights, per_tok, per_seq, min_need), want in zip(rows, demand, strict=True):
+    for (spec, weights, per_tok, per_seq, min_need), want, slots in zip(rows, demand, lora_gibs, strict=True):
         budget = min_need + min(want, surplus * want / total_demand) if fits else min_need
         seqs = max(0, math.floor((budget - weights - RUNTIME_OVERHEAD_GIB) / per_seq)) if per_seq else 0
         linear, embed = param_counts(spec.config)
@@ -225,6 +235,7 @@ def plan(
                 max_full_seqs=min(seqs, max_num_seqs),
                 tensor_parallel_size=layout.tp,
                 pipeline_parallel_size=layout.pp,
+                lora_gib=round(slots, 3),
             )
         )
     return Plan(

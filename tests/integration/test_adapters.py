@@ -1,10 +1,11 @@
 """Per-project LoRA adapters through a real worker (fake engine, embedded broker): the project's adapter
 runs its requests and only its; the control topic loads, replaces and unloads an adapter without a
 restart, requests in flight finish on the adapter they started with, and a bad adapter is refused with
-a typed error while the old one keeps serving."""
+a typed error while the old one keeps serving; on the shipped deploy/ only the admin account can swap."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -12,8 +13,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import MODEL_DIR, ROOT, bodies, free_port, make_adapter, peer, running_worker, until
+from support import (
+    MODEL_DIR,
+    ROOT,
+    DeployedMosquitto,
+    Peer,
+    bodies,
+    free_port,
+    make_adapter,
+    peer,
+    running_worker,
+    until,
+)
 
+from worker.bus import Bus
+from worker.config import BrokerConfig
 from worker.engine.fake import FakeEngine
 
 CONTROL = "vllm-worker/test-worker/control"
@@ -130,3 +144,29 @@ def test_a_misfit_adapter_in_a_project_file_stops_the_start_with_exit_2(lab):
     out = subprocess.run([*cmd, *env_flags], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "wrong-base: made for another base model" in out.stderr
+
+
+async def test_on_the_shipped_deploy_only_the_admin_account_can_swap(lab):
+    users = {"admin": "admin-pw-1", "mallory": "mallory-pw-2"}
+    broker = DeployedMosquitto(users, {"worker": "worker-pw-0"}).start()
+    worker = {"username": "worker", "password": "worker-pw-0"}
+    control = "vllm-worker/deploy-w/control"
+    deploy_settings = settings(lab)
+    deploy_settings["worker"]["id"] = "deploy-w"
+    try:
+        async with (
+            running_worker(broker_url=broker.worker_url, broker=worker, **deploy_settings) as w,
+            Bus(BrokerConfig(url=broker.app_url, username="admin", password=users["admin"]), "admin") as admin,
+            Bus(BrokerConfig(url=broker.app_url, username="mallory", password=users["mallory"]), "m") as mallory,
+        ):
+            replies = Peer(admin)
+            replies._reader = asyncio.create_task(replies._read())
+            await admin.subscribe([f"{control}/reply"])
+            swap = {"action": "load", "project": "maze", "adapter": "maze-b", "requestId": "m"}
+            await mallory.publish(control, json.dumps(swap).encode())  # the broker drops it: not her topic
+            await admin.publish(control, json.dumps({**swap, "requestId": "a"}).encode())
+            await replies.wait_for(bodies)
+            assert [b["requestId"] for b in bodies(replies.received)] == ["a"]
+            assert w.service._adapters.names() == {"maze": "maze-b"}
+    finally:
+        broker.stop()

@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "projects": {"config", "errors"},
     "models": {"errors"},
     "parallel": {"errors"},
-    "plan": {"config", "errors", "parallel"},
+    "plan": {"adapters", "config", "errors", "parallel"},
     "checkpoints": {"config", "errors"},
     "quantization": {"config", "errors"},
     "protocol.topics": set(),

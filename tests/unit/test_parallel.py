@@ -198,3 +198,15 @@ def test_cpu_ranks_get_disjoint_cores():
     assert cpu_binding(Layout(2), [0, 1]) == "0|1"
     assert cpu_binding(Layout(2), list(range(8))) == "0,1,2,3|4,5,6,7"
     assert cpu_binding(Layout(2, 2), list(range(8))) == "0,1|2,3|4,5|6,7"
+
+
+def test_lora_slots_count_against_the_budget():
+    spec = load_spec("mistral-7b")
+    plain = plan([spec], 24, max_model_len=4096, max_num_seqs=64)
+    with_lora = plan([spec], 24, max_model_len=4096, max_num_seqs=64, lora=(4, 64))
+    row = with_lora.models[0]
+    # Mistral-7B: 32 layers x rank 64 x sum(in + out) over q, k, v, o, gate, up, down, 2 bytes, 4 slots
+    per_layer = 64 * ((4096 + 4096) * 2 + (4096 + 1024) * 2 + (4096 + 14336) * 2 + (14336 + 4096))
+    assert row.lora_gib == pytest.approx(4 * 32 * per_layer * 2 / GIB, rel=1e-3)
+    assert row.weights_gib == pytest.approx(plain.models[0].weights_gib + row.lora_gib, abs=0.02)
+    assert row.max_full_seqs <= plain.models[0].max_full_seqs
