@@ -181,12 +181,44 @@ def wait_port(port: int, proc: subprocess.Popen[Any] | None = None, timeout_s: f
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 
 
-class Mosquitto:
+class LocalServer:
+    """A throw-away server process on a free loopback port with its own temp dir (Mosquitto, Redis)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _launch(self, binary: str | None, args: list[str], missing: str) -> None:
+        """Start it, or skip the test (fail under CI: `make test` installs it) when it is not installed."""
+        if binary is None:
+            if os.environ.get("CI"):
+                pytest.fail(missing)
+            pytest.skip(missing)
+        self.proc = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, self.proc)
+
+    def stop(self, keep: bool = False) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        if not keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def restart(self) -> None:
+        """Stop and start again on the same port, config and data."""
+        self.stop(keep=True)
+        self.start()
+
+    def start(self) -> LocalServer:
+        raise NotImplementedError
+
+
+class Mosquitto(LocalServer):
     """A throw-away Mosquitto on a free loopback port (TCP_NODELAY, unlimited queues, no persistence)."""
 
     def __init__(self, extra: str = "") -> None:
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="mosq-"))
+        super().__init__("mosq-")
         self.dir.chmod(0o755)
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text(
@@ -194,31 +226,11 @@ class Mosquitto:
             "set_tcp_nodelay true\nmax_queued_messages 0\n" + extra.replace("{dir}", str(self.dir))
         )
         self.conf.chmod(0o644)
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Mosquitto:
-        if MOSQUITTO is None:
-            msg = "mosquitto is not installed (apt-get install mosquitto; `make test` does it as root)"
-            if os.environ.get("CI"):
-                pytest.fail(msg)
-            pytest.skip(msg)
-        self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        wait_port(self.port, self.proc)
+        missing = "mosquitto is not installed (apt-get install mosquitto; `make test` does it as root)"
+        self._launch(MOSQUITTO, ["-c", str(self.conf)], missing)
         return self
-
-    def stop(self, keep: bool = False) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(5)
-        if not keep:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def restart(self) -> None:
-        """Stop and start again on the same port and config (a broker restart)."""
-        self.stop(keep=True)
-        self.start()
 
     @property
     def url(self) -> str:
@@ -319,39 +331,20 @@ REDIS_SERVER = shutil.which("redis-server") or (
 )
 
 
-class RedisServer:
+class RedisServer(LocalServer):
     """A throw-away redis-server on a free loopback port, append-only file on (so a restart keeps data)."""
 
     def __init__(self, password: str | None = None) -> None:
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="redis-"))
+        super().__init__("redis-")
         self.password = password
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisServer:
-        if REDIS_SERVER is None:
-            msg = "redis-server is not installed (apt-get install redis-server; `make test` does it as root)"
-            if os.environ.get("CI"):
-                pytest.fail(msg)
-            pytest.skip(msg)
         args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"]
         args += ["--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")]
         args += ["--requirepass", self.password] if self.password else []
-        self.proc = subprocess.Popen([REDIS_SERVER, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port, self.proc)
+        missing = "redis-server is not installed (apt-get install redis-server; `make test` does it as root)"
+        self._launch(REDIS_SERVER, args, missing)
         return self
-
-    def stop(self, keep: bool = False) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        if not keep:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def restart(self) -> None:
-        """Stop and start again on the same port with the same data."""
-        self.stop(keep=True)
-        self.start()
 
     @property
     def url(self) -> str:

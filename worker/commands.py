@@ -11,7 +11,8 @@ import re
 import signal
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from worker.config import ROOT, BrokerConfig
 from worker.errors import ConfigError
@@ -44,10 +45,8 @@ def ask(argv: Sequence[str]) -> int:
     fields = {k: v for k, v in {"maxTokens": args.max_tokens, "temperature": args.temperature}.items() if v is not None}
 
     async def go() -> int:
-        username = os.environ.get("VLLM_WORKER_BROKER__USERNAME")
-        broker = BrokerConfig(
-            url=args.broker, username=username, password=os.environ.get("VLLM_WORKER_BROKER__PASSWORD")
-        )
+        broker = _broker(args.broker)
+        username = broker.username
         # One identity across invocations, so `--session s1` twice continues one conversation (v2 sessions
         # live in their clientId's namespace); a fresh MQTT connection id each time, so two never collide.
         client_id = args.client_id or username or _cli_identity()
@@ -101,16 +100,7 @@ def fleet(argv: Sequence[str]) -> int:
     p.add_argument("--wait", type=float, default=6.0, help="seconds to listen with --once (default 6)")
     p.add_argument("--prometheus", type=int, metavar="PORT", help="also serve /metrics on this port")
     p.add_argument("--prometheus-host", default="127.0.0.1")
-    args = p.parse_args(argv)
-    from worker import log  # noqa: PLC0415
-    from worker.config import LogConfig  # noqa: PLC0415
-
-    log.setup(LogConfig(level="warning"))
-    try:
-        return asyncio.run(_fleet(args))
-    except ConfigError as exc:
-        say(f"error: {exc}")
-        return EXIT_CONFIG
+    return _run_tool(_fleet(p.parse_args(argv)))
 
 
 async def _fleet(args: argparse.Namespace) -> int:
@@ -130,12 +120,7 @@ async def _fleet(args: argparse.Namespace) -> int:
         REGISTRY.register(PrometheusCollector(state))
         start_http_server(args.prometheus, addr=args.prometheus_host)
         say(f"prometheus metrics on http://{args.prometheus_host}:{args.prometheus}/metrics")
-    broker = BrokerConfig(
-        url=args.broker,
-        username=os.environ.get("VLLM_WORKER_BROKER__USERNAME"),
-        password=os.environ.get("VLLM_WORKER_BROKER__PASSWORD"),
-    )
-    async with Bus(broker, f"fleet-{uuid.uuid4().hex[:8]}") as bus:
+    async with Bus(_broker(args.broker), f"fleet-{uuid.uuid4().hex[:8]}") as bus:
 
         async def read() -> None:
             while True:
@@ -272,18 +257,7 @@ def console(argv: Sequence[str]) -> int:
         default=os.environ.get("VLLM_WORKER_CONSOLE_TOKEN"),
         help="required to open the console when not on loopback (default: a random one, printed)",
     )
-    args = p.parse_args(argv)
-    from worker import log  # noqa: PLC0415
-    from worker.config import LogConfig  # noqa: PLC0415
-
-    log.setup(LogConfig(level="warning"))
-    try:
-        return asyncio.run(_console(args))
-    except ConfigError as exc:
-        say(f"error: {exc}")
-        return EXIT_CONFIG
-    except KeyboardInterrupt:
-        return 0
+    return _run_tool(_console(p.parse_args(argv)))
 
 
 async def _console(args: argparse.Namespace) -> int:
@@ -298,11 +272,7 @@ async def _console(args: argparse.Namespace) -> int:
 
     loopback = args.host in {"localhost", "::1"} or args.host.startswith("127.")
     token = args.token or (None if loopback else secrets.token_urlsafe(18))
-    broker = BrokerConfig(
-        url=args.broker,
-        username=os.environ.get("VLLM_WORKER_BROKER__USERNAME"),
-        password=os.environ.get("VLLM_WORKER_BROKER__PASSWORD"),
-    )
+    broker = _broker(args.broker)
     fleet_state = FleetState(topic_prefix=args.topic_prefix)
     client_id = args.client_id or broker.username or _cli_identity()
     async with Client(broker, client_id, args.topic_prefix, connection_id=f"console-{secrets.token_hex(4)}") as c:
@@ -319,3 +289,27 @@ async def _console(args: argparse.Namespace) -> int:
         finally:
             await runner.cleanup()
     return 1
+
+
+def _run_tool(main: Coroutine[Any, Any, int]) -> int:
+    """Run a long-lived client tool: warnings only on the terminal, a config error is exit 2, Ctrl-C is 0."""
+    from worker import log  # noqa: PLC0415
+    from worker.config import LogConfig  # noqa: PLC0415
+
+    log.setup(LogConfig(level="warning"))
+    try:
+        return asyncio.run(main)
+    except ConfigError as exc:
+        say(f"error: {exc}")
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 0
+
+
+def _broker(url: str) -> BrokerConfig:
+    """The broker at `url` with the credentials of the environment (never flags: shell history)."""
+    return BrokerConfig(
+        url=url,
+        username=os.environ.get("VLLM_WORKER_BROKER__USERNAME"),
+        password=os.environ.get("VLLM_WORKER_BROKER__PASSWORD"),
+    )
