@@ -18,6 +18,8 @@ from rich.text import Text
 
 from worker.reports import StatusReport, TelemetryReport
 
+MAX_WORKERS = 1024
+
 STATE_STYLE = {
     "ready": "green",
     "starting": "yellow",
@@ -71,6 +73,8 @@ class FleetState:
             )
         except ValidationError:
             return False
+        if parts[1] not in self.workers and len(self.workers) >= MAX_WORKERS:
+            return False  # a flood of made-up worker ids must not grow the view without bound
         view = self.workers.setdefault(parts[1], WorkerView(parts[1]))
         if isinstance(report, StatusReport):
             view.status = report

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from worker.adapters import AdapterTable
+from worker.adapters import Adapter, AdapterTable
 from worker.engine.base import Engine, Prompt
 from worker.errors import (
     EngineDeadError,
@@ -179,7 +179,7 @@ async def _generate(p: Pipeline, request: Request, prompt: Prompt, stream: Strea
             await stream.feed(delta.text, delta.new_tokens)
     finally:
         if (retired := p.adapters.release(adapter)) is not None:  # replaced, and this was its last request
-            await p.engine.unload_adapter(retired)
+            await _unload(p, retired)
     now = time.monotonic()
     return Outcome(
         text=visible_text(request.project, stream.raw_text),
@@ -191,6 +191,14 @@ async def _generate(p: Pipeline, request: Request, prompt: Prompt, stream: Strea
         ttft_ms=round(((first_token_at or now) - request.received_at) * 1000),
         total_ms=round((now - request.received_at) * 1000),
     )
+
+
+async def _unload(p: Pipeline, adapter: Adapter) -> None:
+    """Drop a retired adapter; a failure costs a log line, never the answer that just finished."""
+    try:
+        await p.engine.unload_adapter(adapter)
+    except Exception:
+        log.exception("adapter.unload_failed", adapter=adapter.name)
 
 
 async def _fail(job: Job, stream: Stream, p: Pipeline, error: WorkerError) -> None:

@@ -181,7 +181,7 @@ class Service:
                 model_config=_model_config(self._cfg.model.path),
                 max_lora_rank=self._cfg.model.max_lora_rank,
                 publish=lambda body: bus.publish(f"{self._control_topic}/reply", body, qos=1),
-                changed=lambda: self._status.publish_status("ready"),
+                changed=lambda: self._status.publish_status("draining" if self._admission.draining else "ready"),
             ),
         )
 

@@ -110,3 +110,13 @@ def test_prometheus_exposition_uses_vllm_names_with_worker_label():
     assert 'vllm_worker:gpu_memory_used_bytes{gpu="0",worker="gpu-a-0"}' in text
     assert 'vllm_worker:requests_total{project="maze",worker="gpu-a-0"} 7.0' in text
     assert 'vllm_worker:state_healthy{backend="redis",worker="gpu-a-0"} 1.0' in text
+
+
+def test_a_flood_of_worker_ids_is_bounded():
+    from worker import fleet as fleet_module
+
+    fleet = FleetState()
+    for i in range(fleet_module.MAX_WORKERS + 50):
+        fleet.handle(f"vllm-worker/w{i}/status", status(f"w{i}", "ready"))
+    assert len(fleet.workers) == fleet_module.MAX_WORKERS
+    assert fleet.handle("vllm-worker/w0/status", status("w0", "draining"))  # known workers still update
