@@ -173,7 +173,7 @@ def check_ray(layout: Layout, address: str | None = None) -> None:
         raise ConfigError("distributed_executor_backend = \"ray\" needs ray: pip install 'ray[default]'") from exc
     try:
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", ignore_reinit_error=True)
-        gpus = int(ray.cluster_resources().get("GPU", 0))  # type: ignore[no-untyped-call]
+        gpus = int(ray.cluster_resources().get("GPU", 0))  # type: ignore[no-untyped-call,unused-ignore]
     except Exception as exc:
         raise ConfigError(f"no Ray cluster answers ({type(exc).__name__}): start `ray start --head` first") from exc
     if gpus and gpus < layout.world:
