@@ -5,13 +5,19 @@
   (c) mosquitto vllm-worker over Mosquitto
   (d) legacy   the old script's design: one synchronous LLM.generate per request, one at a time,
                from a thread pool, over MQTT (benchmarks/legacy_worker.py)
+  (e) serve    vLLM's own OpenAI server, streaming chat completions (benchmarks/serve_arm.py): what a
+               user would run instead of the worker
+  mosquitto-mp1  arm (c) with vLLM's default engine layout (VLLM_ENABLE_V1_MULTIPROCESSING=1: the engine
+               core in its own process), which also separates front-end and engine CPU
 
     .venv/bin/python benchmarks/bench.py [--levels 1,8,32] [--max-tokens 64] [--history] [--micro]
     .venv/bin/vllm-worker bench ...       (the same)
 
 Every arm generates exactly --max-tokens tokens per request (ignore_eos), greedy, on the prompts of
 benchmarks/data/prompts.json (--history prepends a 4-turn chat). Reports per arm and level: output
-tok/s, requests/s, TTFT/TPOT/end-to-end p50 and p99, worker RSS, and the ratios (b)/(a), (c)/(a), (b)/(d).
+tok/s, requests/s, TTFT/TPOT/end-to-end p50 and p99, worker RSS, CPU-seconds per 1,000 generated tokens
+per process group (engine, front-end, broker, client: benchmarks/cpu.py), and the ratios (b)/(a),
+(c)/(a), (b)/(d), (c)/(e). Each level runs 4 x concurrency requests (at least 8), after a warm-up.
 Writes benchmarks/results/latest.{json,md,png}. --micro adds the MQTT path alone with the fake engine.
 """
 
@@ -40,8 +46,13 @@ from rich.progress import Progress, TaskID
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from cpu import delta, front_and_engine, group_cpu_s
+from serve_arm import run_serve_level, serve_command, serve_env
 
 from worker import log as worker_log
+from worker import plan as planner
 from worker.bus import Bus
 from worker.client import Client
 from worker.config import BrokerConfig, LogConfig
@@ -49,6 +60,7 @@ from worker.config import BrokerConfig, LogConfig
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = ROOT / "models" / "smollm2-135m-instruct"  # --model replaces it (e.g. a real model on a GPU host)
 PROJECT = "general"
+BROKER_PIDS: dict[int, int] = {}
 
 
 def free_port() -> int:
@@ -73,6 +85,8 @@ class LevelResult:
     samples: list[dict[str, float]]
     rss_mib: float = 0.0
     errors: int = 0
+    cpu_s: dict[str, float] | None = None
+    """CPU-seconds per process group during the level (benchmarks/cpu.py)."""
 
     def summary(self) -> dict[str, float]:
         ok = [s for s in self.samples if s.get("tokens", 0) > 0]
@@ -93,6 +107,7 @@ class LevelResult:
             "e2e_ms_p50": pct(e2e, 50),
             "e2e_ms_p99": pct(e2e, 99),
             "rss_mib": self.rss_mib,
+            "cpu_s_per_ktok": {k: round(v * 1000 / tokens, 3) for k, v in (self.cpu_s or {}).items()} if tokens else {},
         }
 
 
@@ -110,7 +125,7 @@ def tree_rss_mib(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def mosquitto() -> Iterator[int]:
+def mosquitto() -> Iterator[int]:  # the broker's pid goes to BROKER_PIDS[port] (CPU accounting)
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="bench-mosq-"))
@@ -120,6 +135,7 @@ def mosquitto() -> Iterator[int]:
         "max_queued_messages 0\nmax_inflight_messages 0\n"
     )
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    BROKER_PIDS[port] = proc.pid
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -174,7 +190,7 @@ def chats(history: bool) -> list[list[dict[str, str]]]:
 def levels(spec: str, legacy: bool = False) -> list[dict[str, int]]:
     out = []
     for c in (int(x) for x in spec.split(",")):
-        n = max(8, 2 * c)
+        n = max(8, 4 * c)  # steady state: the ratio does not hang on one ramp
         if legacy:
             n = min(n, max(8, c))  # one at a time: keep the serial arm's run time bounded
         out.append({"concurrency": c, "requests": n})
@@ -269,8 +285,16 @@ async def run_legacy_level(
         return LevelResult("legacy", level["concurrency"], level["requests"], wall, samples)
 
 
+def kv_space_gib() -> int:
+    """The worker's VLLM_CPU_KVCACHE_SPACE for the bench settings, given to every arm."""
+    config = json.loads((MODEL / "config.json").read_text())
+    ram = psutil.virtual_memory().total / 2**30
+    return planner.cpu_kv_space_gib(config, max_model_len=2048, max_num_seqs=64, kv_dtype="auto", ram_gib=ram)
+
+
 def worker_env(telemetry_s: float = 5.0) -> dict[str, str]:
     return {
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib()),
         "VLLM_WORKER_GENERATION__IGNORE_EOS": "true",
         "VLLM_WORKER_WORKER__MAX_INFLIGHT": "1024",
         "VLLM_WORKER_WORKER__TELEMETRY_INTERVAL_S": str(telemetry_s),
@@ -287,6 +311,7 @@ async def arm_worker(
     progress: Progress,
     task: TaskID,
     telemetry_s: float = 5.0,
+    env: dict[str, str] | None = None,
 ) -> list[LevelResult]:
     port = broker_port or free_port()
     cmd = [
@@ -306,9 +331,32 @@ async def arm_worker(
     ]
     cmd += ["--broker", f"mqtt://127.0.0.1:{port}"] if broker_port else ["--port", str(port)]
     results = []
-    with process(cmd, "vllm-worker: ready", worker_env(telemetry_s)) as proc:
+    with process(cmd, "vllm-worker: ready", {**worker_env(telemetry_s), **(env or {})}) as proc:
+        groups = {**front_and_engine(proc.pid), "client": ([os.getpid()], False)}
+        if broker_port:
+            groups["broker"] = ([BROKER_PIDS[broker_port]], False)
         for level in levels(spec):
+            before = group_cpu_s(groups)
             result = await run_worker_level(port, level, convo, max_tokens, name)
+            result.cpu_s = delta(before, group_cpu_s(groups))
+            result.rss_mib = tree_rss_mib(proc.pid)
+            results.append(result)
+            progress.advance(task)
+    return results
+
+
+async def arm_serve(
+    spec: str, convo: list[list[dict[str, str]]], max_tokens: int, progress: Progress, task: TaskID
+) -> list[LevelResult]:
+    port = free_port()
+    results = []
+    with process(serve_command(str(MODEL), port), "Application startup complete", serve_env(kv_space_gib())) as proc:
+        groups = {**front_and_engine(proc.pid), "client": ([os.getpid()], False)}
+        for level in levels(spec):
+            before = group_cpu_s(groups)
+            wall, samples, errors = await run_serve_level(port, level, convo, max_tokens)
+            result = LevelResult("serve", level["concurrency"], level["requests"], wall, samples, errors=errors)
+            result.cpu_s = delta(before, group_cpu_s(groups))
             result.rss_mib = tree_rss_mib(proc.pid)
             results.append(result)
             progress.advance(task)
@@ -326,6 +374,7 @@ async def arm_direct(
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib())},  # the same KV cache as every arm
     )
     assert proc.stdout is not None
     results = []
@@ -343,6 +392,7 @@ async def arm_direct(
                     line["wall_s"],
                     line["samples"],
                     rss_mib=tree_rss_mib(proc.pid),
+                    cpu_s=line.get("cpu_s"),
                 )
             )
             progress.advance(task)
@@ -443,6 +493,8 @@ def report(results: dict[str, list[LevelResult]], args: argparse.Namespace, extr
             "amqtt/direct": tok("amqtt", c) / tok("direct", c) if tok("direct", c) else None,
             "mosquitto/direct": tok("mosquitto", c) / tok("direct", c) if tok("direct", c) else None,
             "amqtt/legacy": tok("amqtt", c) / tok("legacy", c) if tok("legacy", c) else None,
+            "mosquitto/serve": tok("mosquitto", c) / tok("serve", c) if tok("serve", c) else None,
+            "mosquitto-mp1/serve": tok("mosquitto-mp1", c) / tok("serve", c) if tok("serve", c) else None,
             "ttft_overhead_ms_amqtt": ttft("amqtt", c) - ttft("direct", c),
             "ttft_overhead_ms_mosquitto": ttft("mosquitto", c) - ttft("direct", c),
         }
@@ -494,6 +546,7 @@ def markdown(rep: dict[str, Any]) -> str:
             f"| {c} | {f(r['amqtt/direct'])} | {f(r['mosquitto/direct'])} | {f(r['amqtt/legacy'])} | "
             f"{r['ttft_overhead_ms_amqtt']:.1f}, {r['ttft_overhead_ms_mosquitto']:.1f} |"
         )
+    lines += _cpu_lines(rep)
     if rep.get("engine_batching_gain"):
         lines.append(
             f"\nEngine batching gain (direct tok/s at max ÷ min concurrency): {rep['engine_batching_gain']:.2f}x"
@@ -507,6 +560,25 @@ def markdown(rep: dict[str, Any]) -> str:
         for broker, m in rep["micro"].items():
             lines.append(f"| {broker} | {m['requests_per_s']} | {m['rejects_per_s']} |")
     return "\n".join(lines) + "\n"
+
+
+def _cpu_lines(rep: dict[str, Any]) -> list[str]:
+    """CPU per 1,000 tokens per arm and level, and the worker/serve ratios."""
+    lines = ["", "CPU-seconds per 1,000 generated tokens (benchmarks/cpu.py):", "", "| arm | conc | groups |"]
+    lines.append("|---|---|---|")
+    for arm, rows in rep["arms"].items():
+        for r in rows:
+            groups = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r.get("cpu_s_per_ktok", {}).items()))
+            lines.append(f"| {arm} | {r['concurrency']} | {groups or '-'} |")
+    serve = [(c, r["mosquitto/serve"], r["mosquitto-mp1/serve"]) for c, r in rep["ratios"].items()]
+    if any(x is not None for _, x, _ in serve):
+        lines += ["", "| conc | (c) mosquitto/(e) serve | mosquitto-mp1/(e) serve |", "|---|---|---|"]
+        lines += [f"| {c} | {_ratio(x)} | {_ratio(y)} |" for c, x, y in serve]
+    return lines
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def plot(rep: dict[str, Any], path: Path) -> None:
@@ -530,6 +602,26 @@ def plot(rep: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+async def run_arm(
+    arm: str, args: argparse.Namespace, convo: list[list[dict[str, str]]], progress: Progress, task: TaskID
+) -> list[LevelResult]:
+    """One arm at every level."""
+    spec, tokens = args.levels, args.max_tokens
+    if arm == "direct":
+        return await arm_direct(spec, convo, tokens, progress, task)
+    if arm == "amqtt":
+        return await arm_worker(arm, None, spec, convo, tokens, progress, task)
+    if arm == "telemetry1s":
+        return await arm_worker(arm, None, spec, convo, tokens, progress, task, 1.0)
+    if arm == "serve":
+        return await arm_serve(spec, convo, tokens, progress, task)
+    with mosquitto() as port:
+        if arm == "legacy":
+            return await arm_legacy(port, spec, convo, tokens, progress, task)
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"} if arm == "mosquitto-mp1" else None
+        return await arm_worker(arm, port, spec, convo, tokens, progress, task, env=env)
+
+
 async def main_async(args: argparse.Namespace) -> int:
     if not (MODEL / "config.json").is_file():
         print("demo model missing: run `make model`", file=sys.stderr)
@@ -543,18 +635,7 @@ async def main_async(args: argparse.Namespace) -> int:
         task = progress.add_task("benchmark", total=n_levels * len(arms) + (1 if args.micro else 0))
         for arm in arms:  # one engine at a time: the 2-core machine is never shared between arms
             progress.update(task, description=f"arm {arm}")
-            if arm == "direct":
-                results[arm] = await arm_direct(args.levels, convo, args.max_tokens, progress, task)
-            elif arm == "amqtt":
-                results[arm] = await arm_worker(arm, None, args.levels, convo, args.max_tokens, progress, task)
-            elif arm == "mosquitto":
-                with mosquitto() as port:
-                    results[arm] = await arm_worker(arm, port, args.levels, convo, args.max_tokens, progress, task)
-            elif arm == "legacy":
-                with mosquitto() as port:
-                    results[arm] = await arm_legacy(port, args.levels, convo, args.max_tokens, progress, task)
-            elif arm == "telemetry1s":
-                results[arm] = await arm_worker(arm, None, args.levels, convo, args.max_tokens, progress, task, 1.0)
+            results[arm] = await run_arm(arm, args, convo, progress, task)
         if args.micro:
             progress.update(task, description="micro (fake engine)")
             extra["micro"] = await micro(args.micro_requests, 64, args.micro_flood)
@@ -578,7 +659,7 @@ def main() -> int:
     p.add_argument("--model", default=None, help="HF model dir (default: the demo model)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--history", action="store_true", help="realistic variant: a 4-turn chat before each prompt")
-    p.add_argument("--arms", default="direct,amqtt,mosquitto,legacy", help="also: telemetry1s")
+    p.add_argument("--arms", default="direct,amqtt,mosquitto,legacy", help="also: serve, mosquitto-mp1, telemetry1s")
     p.add_argument("--micro", action="store_true", help="also the MQTT path alone with the fake engine")
     p.add_argument("--micro-requests", type=int, default=2000)
     p.add_argument("--micro-flood", type=int, default=2000)

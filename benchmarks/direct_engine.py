@@ -65,10 +65,11 @@ async def main() -> None:
                 n += 1
                 samples.append(await one(llm, tok, chats[i % len(chats)], spec["max_tokens"], f"d{n}"))
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(run(i) for i in range(level["requests"])))
         wall = time.perf_counter() - started
-        print(json.dumps({"level": level, "wall_s": wall, "samples": samples}), flush=True)
+        cpu_s = {"engine+client": round(time.process_time() - cpu, 3)}  # MP=0: one process does both
+        print(json.dumps({"level": level, "wall_s": wall, "samples": samples, "cpu_s": cpu_s}), flush=True)
     llm.shutdown()
 
 
