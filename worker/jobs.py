@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from worker.errors import ErrorCode, WorkerError
+from worker.errors import WorkerError
 from worker.message import InboundMessage
 from worker.protocol import FinalReply, Request
 
@@ -43,8 +43,6 @@ class Job:
     """Ended on purpose without a final reply (a classic client's cancel): acked, never redelivered."""
     claimed: bool = False
     """It holds its requestId's dedupe claim (to complete or give back when it ends)."""
-    error_code: ErrorCode | None = None
-    """The error its final reply carries, if it failed."""
 
     @property
     def key(self) -> JobKey:

@@ -10,11 +10,11 @@ message carries the whole text, usage and timing. What a stream shows is compute
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from worker.errors import WorkerError
+from worker.errors import ErrorCode, WorkerError
 from worker.protocol import (
     Dialect,
     FinalReply,
@@ -34,6 +34,9 @@ class Publish(Protocol):
     def __call__(self, topic: str, payload: bytes, correlation: bytes | None, *, wait: bool) -> Awaitable[None]:
         """See the class docstring."""
         ...
+
+
+BeforeFinal = Callable[[FinalReply, ErrorCode | None], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,9 @@ class Stream:
         self._unsent = ""
         self._pending_tokens = 0
         self._last_flush = time.monotonic()
+        self.before_final: BeforeFinal | None = None
+        """Awaited with the final reply (and its error code, if any) just before it is published: `serve`
+        caches it for the requestId first, so a copy arriving right after the reply finds it cached."""
 
     @property
     def raw_text(self) -> str:
@@ -166,12 +172,18 @@ class Stream:
                 model=self._replier.model,
                 worker=self._replier.worker,
             )
-        return await self._replier.send_final(route, payload)
+        return await self._send_final(payload, None)
 
     async def fail(self, error: WorkerError) -> FinalReply:
         """Send the final error (continuing this request's seq)."""
         self._seq += 1
-        return await self._replier.fail(self.route, error, self._seq)
+        return await self._send_final(self._replier.error_payload(self.route, error, self._seq), error.code)
+
+    async def _send_final(self, payload: bytes, code: ErrorCode | None) -> FinalReply:
+        route = self.route
+        if self.before_final is not None:
+            await self.before_final(FinalReply(route.topic, payload, route.correlation_data), code)
+        return await self._replier.send_final(route, payload)
 
 
 class Replier:
@@ -195,8 +207,10 @@ class Replier:
 
     async def fail(self, route: Route, error: WorkerError, seq: int = 1) -> FinalReply:
         """Send a final error."""
+        return await self.send_final(route, self.error_payload(route, error, seq))
+
+    def error_payload(self, route: Route, error: WorkerError, seq: int = 1) -> bytes:
+        """The final error message in the route's dialect."""
         if route.dialect is Dialect.CLASSIC:
-            payload = classic_error(error)
-        else:
-            payload = v2_error(route, seq, error, self.model, self.worker)
-        return await self.send_final(route, payload)
+            return classic_error(error)
+        return v2_error(route, seq, error, self.model, self.worker)

@@ -31,7 +31,7 @@ from worker.errors import (
     WorkerError,
 )
 from worker.jobs import Job
-from worker.protocol import Dialect, Request, visible_text
+from worker.protocol import Dialect, FinalReply, Request, visible_text
 from worker.replies import Outcome, Replier, Stream
 from worker.sessions import SessionStore
 from worker.state import Budget, Claim, State
@@ -77,7 +77,7 @@ async def serve(job: Job, p: Pipeline) -> None:
     log.debug("request.accepted", project=request.route.project, request_id=request.request_id, text=request.message)
     try:
         async with asyncio.timeout(_remaining_s(request)):
-            if not await _claim(job, p):
+            if not await _claim(job, p, stream):
                 return
             await p.state.take(p.budgets(request))
             async with p.sessions.turn(request):
@@ -118,7 +118,7 @@ async def serve(job: Job, p: Pipeline) -> None:
         await _settle_claim(job, p)
 
 
-async def _claim(job: Job, p: Pipeline) -> bool:
+async def _claim(job: Job, p: Pipeline, stream: Stream) -> bool:
     """Claim a client-supplied requestId fleet-wide; False when this copy must not be generated.
 
     Answered before: the cached final reply goes out again. Held by a live worker (its lease renewed):
@@ -133,6 +133,7 @@ async def _claim(job: Job, p: Pipeline) -> bool:
         claimed = await p.state.claim(request.dedupe_key)
         if claimed.verdict is Claim.NEW:
             job.claimed = True
+            stream.before_final = lambda final, code: _settle_claim(job, p, final, code)
             return True
         if claimed.verdict is Claim.DONE:
             log.info("request.duplicate", request_id=request.request_id, state="done", waited=waited)
@@ -150,13 +151,17 @@ async def _claim(job: Job, p: Pipeline) -> bool:
         delay = min(delay * 2, 0.5)
 
 
-async def _settle_claim(job: Job, p: Pipeline) -> None:
-    """Cache the final reply for the requestId, or give the claim back (transient error, redelivery)."""
+async def _settle_claim(job: Job, p: Pipeline, final: FinalReply | None = None, code: ErrorCode | None = None) -> None:
+    """Cache the final reply for the requestId, or give the claim back (transient error, no reply).
+
+    Called just before the final reply is published (a copy arriving right after it finds it cached),
+    and again when the job ends (then it only gives back a claim that got no final reply).
+    """
     if not job.claimed:
         return
     job.claimed = False
-    if job.final is not None and job.error_code not in TRANSIENT:
-        await p.state.complete(job.request.dedupe_key, job.final)
+    if final is not None and code not in TRANSIENT:
+        await p.state.complete(job.request.dedupe_key, final)
     else:
         await p.state.abandon(job.request.dedupe_key)
 
@@ -205,7 +210,6 @@ async def _fail(job: Job, stream: Stream, p: Pipeline, error: WorkerError) -> No
     p.counters[(stream.route.project, "errors")] += 1
     if error.code is ErrorCode.RATE_LIMITED:
         p.counters[(stream.route.project, "rejected")] += 1
-    job.error_code = error.code
     log.info("request.failed_reply", project=stream.route.project, code=str(error.code))
     job.final = await stream.fail(error)
 
