@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -330,18 +330,35 @@ async def arm_worker(
         str(MODEL),
     ]
     cmd += ["--broker", f"mqtt://127.0.0.1:{port}"] if broker_port else ["--port", str(port)]
-    results = []
     with process(cmd, "vllm-worker: ready", {**worker_env(telemetry_s), **(env or {})}) as proc:
-        groups = {**front_and_engine(proc.pid), "client": ([os.getpid()], False)}
-        if broker_port:
-            groups["broker"] = ([BROKER_PIDS[broker_port]], False)
-        for level in levels(spec):
-            before = group_cpu_s(groups)
-            result = await run_worker_level(port, level, convo, max_tokens, name)
-            result.cpu_s = delta(before, group_cpu_s(groups))
-            result.rss_mib = tree_rss_mib(proc.pid)
-            results.append(result)
-            progress.advance(task)
+        broker = [BROKER_PIDS[broker_port]] if broker_port else []
+
+        async def level_run(level: dict[str, int]) -> LevelResult:
+            return await run_worker_level(port, level, convo, max_tokens, name)
+
+        return await measured_levels(proc.pid, broker, spec, level_run, progress, task)
+
+
+async def measured_levels(
+    server_pid: int,
+    broker_pids: list[int],
+    spec: str,
+    run_level: Callable[[dict[str, int]], Awaitable[LevelResult]],
+    progress: Progress,
+    task: TaskID,
+) -> list[LevelResult]:
+    """Every level against one running server, with its CPU per process group and RSS."""
+    groups = {**front_and_engine(server_pid), "client": ([os.getpid()], False)}
+    if broker_pids:
+        groups["broker"] = (broker_pids, False)
+    results = []
+    for level in levels(spec):
+        before = group_cpu_s(groups)
+        result = await run_level(level)
+        result.cpu_s = delta(before, group_cpu_s(groups))
+        result.rss_mib = tree_rss_mib(server_pid)
+        results.append(result)
+        progress.advance(task)
     return results
 
 
@@ -349,18 +366,13 @@ async def arm_serve(
     spec: str, convo: list[list[dict[str, str]]], max_tokens: int, progress: Progress, task: TaskID
 ) -> list[LevelResult]:
     port = free_port()
-    results = []
+
+    async def level_run(level: dict[str, int]) -> LevelResult:
+        wall, samples, errors = await run_serve_level(port, level, convo, max_tokens)
+        return LevelResult("serve", level["concurrency"], level["requests"], wall, samples, errors=errors)
+
     with process(serve_command(str(MODEL), port), "Application startup complete", serve_env(kv_space_gib())) as proc:
-        groups = {**front_and_engine(proc.pid), "client": ([os.getpid()], False)}
-        for level in levels(spec):
-            before = group_cpu_s(groups)
-            wall, samples, errors = await run_serve_level(port, level, convo, max_tokens)
-            result = LevelResult("serve", level["concurrency"], level["requests"], wall, samples, errors=errors)
-            result.cpu_s = delta(before, group_cpu_s(groups))
-            result.rss_mib = tree_rss_mib(proc.pid)
-            results.append(result)
-            progress.advance(task)
-    return results
+        return await measured_levels(proc.pid, [], spec, level_run, progress, task)
 
 
 async def arm_direct(

@@ -94,9 +94,10 @@ class Service:
             await self._status.publish_status("starting")
             stack.push_async_callback(self._status.publish_status, "offline")
             engine = await self._start_engine(stack)
-            await self._load_adapters(engine)
+            model_config = _model_config(self._cfg.model.path)  # read once: adapters are checked against it
+            await self._load_adapters(engine, model_config)
             store = await stack.enter_async_context(open_state(self._cfg))
-            intake = self._wire(bus, engine, store)
+            intake = self._wire(bus, engine, store, model_config)
             await bus.subscribe(self._control_filters() + self._request_filters())
             self._status.engine_ready = True
             await self._status.publish_status("ready")
@@ -143,7 +144,7 @@ class Service:
         finally:
             ticker.cancel()
 
-    def _wire(self, bus: Bus, engine: Engine, store: State) -> Intake:
+    def _wire(self, bus: Bus, engine: Engine, store: State, model_config: dict[str, Any]) -> Intake:
         """Build the request path once the engine is up."""
         w = self._cfg.worker
         self._status.store = store
@@ -178,7 +179,7 @@ class Service:
                 self._adapters,
                 list(self._projects),
                 adapters_dir=resolve_path(self._cfg.model.adapters_dir),
-                model_config=_model_config(self._cfg.model.path),
+                model_config=model_config,
                 max_lora_rank=self._cfg.model.max_lora_rank,
                 publish=lambda body: bus.publish(f"{self._control_topic}/reply", body, qos=1),
                 changed=lambda: self._status.publish_status("draining" if self._admission.draining else "ready"),
@@ -207,9 +208,8 @@ class Service:
         filters = [t for name in self._projects for t in (self._topics.cancel(name), self._topics.session_reset(name))]
         return [*filters, self._control_topic]
 
-    async def _load_adapters(self, engine: Engine) -> None:
+    async def _load_adapters(self, engine: Engine, model_config: dict[str, Any]) -> None:
         """Each project's configured LoRA adapter, checked and loaded before any request arrives."""
-        model_config = _model_config(self._cfg.model.path)
         for name, project in self._projects.items():
             if project.adapter is None:
                 continue

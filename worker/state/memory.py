@@ -69,9 +69,6 @@ class MemoryState:
     async def __aexit__(self, *exc: object) -> None:
         return None
 
-    def __len__(self) -> int:
-        return len(self._sessions)
-
     # ---- sessions --------------------------------------------------------------------------------------
     async def load(self, key: SessionKey) -> History:
         """See `State.load`."""
