@@ -142,10 +142,11 @@ async def test_a_killed_holder_never_blocks_its_session(mosquitto, redis_server)
         with fleet(mosquitto.url, env) as procs:
             await wait_ready(mosquitto.port, *IDS)
             assert turns_seen((await c.ask("general", "one", session="k", request_id="k1", timeout_s=30)).text) == 1
+            mark = len(telemetry.received)
             long = asyncio.create_task(
                 c.ask("general", " ".join(["word"] * 40), session="k", request_id="k2", timeout_s=60, retries=0)
             )
-            holder = await _generating_worker(telemetry)
+            holder = await _generating_worker(telemetry, mark)
             procs[holder].send_signal(signal.SIGKILL)  # type: ignore[attr-defined]
             started = time.monotonic()
             reply = await c.ask("general", "three", session="k", request_id="k3", timeout_s=15)
@@ -159,14 +160,19 @@ async def test_a_killed_holder_never_blocks_its_session(mosquitto, redis_server)
                 await long
 
 
-async def _generating_worker(telemetry) -> str:
-    """The worker whose engine is running a request (telemetry every 0.5 s)."""
+async def _generating_worker(telemetry, mark: int) -> str:
+    """The worker whose engine is running the long turn: two reports in a row (0.5 s apart) received after
+    `mark` say so. One report is not enough: turn 1's worker may publish "running" during turn 1 (0.2 s
+    long) and that report can arrive after the mark; CI once killed that innocent worker."""
     async with asyncio.timeout(20):
         while True:
-            for m in reversed(telemetry.received):
+            latest: dict[str, list[int]] = {}
+            for m in telemetry.received[mark:]:
                 report = json.loads(m.payload)
-                if report["engine"]["running"] >= 1:
-                    return str(report["worker"])
+                latest.setdefault(str(report["worker"]), []).append(report["engine"]["running"])
+            for worker, running in latest.items():
+                if len(running) >= 2 and min(running[-2:]) >= 1:
+                    return worker
             await asyncio.sleep(0.1)
 
 
