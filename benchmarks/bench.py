@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import pyspy
 from cpu import delta, front_and_engine, group_cpu_s
 from serve_arm import run_serve_level, serve_command, serve_env
 
@@ -61,6 +62,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODEL = ROOT / "models" / "smollm2-135m-instruct"  # --model replaces it (e.g. a real model on a GPU host)
 PROJECT = "general"
 BROKER_PIDS: dict[int, int] = {}
+PROFILES: Path | None = None  # --profile DIR: py-spy on each server's front-end during every level
 
 
 def free_port() -> int:
@@ -336,10 +338,11 @@ async def arm_worker(
         async def level_run(level: dict[str, int]) -> LevelResult:
             return await run_worker_level(port, level, convo, max_tokens, name)
 
-        return await measured_levels(proc.pid, broker, spec, level_run, progress, task)
+        return await measured_levels(name, proc.pid, broker, spec, level_run, progress, task)
 
 
 async def measured_levels(
+    arm: str,
     server_pid: int,
     broker_pids: list[int],
     spec: str,
@@ -354,12 +357,27 @@ async def measured_levels(
     results = []
     for level in levels(spec):
         before = group_cpu_s(groups)
-        result = await run_level(level)
+        with profiled(arm, server_pid, level["concurrency"]):
+            result = await run_level(level)
         result.cpu_s = delta(before, group_cpu_s(groups))
         result.rss_mib = tree_rss_mib(server_pid)
         results.append(result)
         progress.advance(task)
     return results
+
+
+@contextlib.contextmanager
+def profiled(arm: str, pid: int, concurrency: int) -> Iterator[None]:
+    """With --profile: py-spy records `pid` (the front-end process) for the level, then a summary."""
+    if PROFILES is None:
+        yield
+        return
+    out = PROFILES / f"{arm}-c{concurrency}.txt"
+    with pyspy.recording(pid, out):
+        yield
+    if out.is_file():
+        summary = pyspy.markdown(f"{arm} c{concurrency}", pyspy.summarize(out))
+        out.with_suffix(".md").write_text(summary)
 
 
 async def arm_serve(
@@ -372,7 +390,7 @@ async def arm_serve(
         return LevelResult("serve", level["concurrency"], level["requests"], wall, samples, errors=errors)
 
     with process(serve_command(str(MODEL), port), "Application startup complete", serve_env(kv_space_gib())) as proc:
-        return await measured_levels(proc.pid, [], spec, level_run, progress, task)
+        return await measured_levels("serve", proc.pid, [], spec, level_run, progress, task)
 
 
 async def arm_direct(
@@ -675,7 +693,15 @@ def main() -> int:
     p.add_argument("--micro", action="store_true", help="also the MQTT path alone with the fake engine")
     p.add_argument("--micro-requests", type=int, default=2000)
     p.add_argument("--micro-flood", type=int, default=2000)
+    p.add_argument("--profile", type=Path, default=None, help="py-spy each server during every level into DIR")
     args = p.parse_args()
+    if args.profile:
+        if pyspy.available() is None:
+            print("--profile needs py-spy (pip install py-spy)", file=sys.stderr)
+            return 2
+        global PROFILES  # noqa: PLW0603 - one run, one profile folder
+        PROFILES = args.profile.resolve()
+        PROFILES.mkdir(parents=True, exist_ok=True)
     if args.model:
         global MODEL  # noqa: PLW0603 - one run, one model for every arm
         MODEL = Path(args.model).resolve()

@@ -33,6 +33,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from worker.config import BrokerConfig
 from worker.errors import ConfigError
+from worker.handoff import Handoff
 from worker.message import InboundMessage
 
 log = structlog.get_logger(__name__)
@@ -99,6 +100,7 @@ class Bus:
         self._subacks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
         self._subscriptions: dict[str, int] = {}
         self._pending: dict[int, asyncio.Future[None]] = {}
+        self._acks: Handoff[int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
         self._connected = asyncio.Event()
@@ -109,6 +111,7 @@ class Bus:
     # ---- lifecycle -------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
         self._loop = asyncio.get_running_loop()
+        self._acks = Handoff(self._loop, self._published)
         order = {"5": ["5"], "3.1.1": ["3.1.1"], "auto": ["5", "3.1.1"]}[self._protocol]
         for version in order:
             probe = version == "5" and len(order) > 1
@@ -264,8 +267,8 @@ class Bus:
         self._loop.call_soon_threadsafe(self._subscribed, mid, list(codes))
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _code: Any, _p: Any) -> None:  # noqa: ANN401
-        assert self._loop is not None  # noqa: S101
-        self._loop.call_soon_threadsafe(self._published, mid)
+        assert self._acks is not None  # noqa: S101
+        self._acks.put(mid)  # in batches: one loop wake-up for many PUBACKs
 
     # ---- event-loop side of the callbacks --------------------------------------------------------------
     def _connack(self, code: ReasonCode) -> None:

@@ -78,7 +78,8 @@ ALLOWED: dict[str, set[str]] = {
         "serve",
         "sessions",
     },
-    "bus": {"config", "errors", "message"},
+    "handoff": set(),
+    "bus": {"config", "errors", "handoff", "message"},
     "broker": {"config", "errors"},
     "status": {"adapters", "bus", "config", "engine.base", "errors", "reports", "sessions", "state", "telemetry"},
     "service": {

@@ -57,6 +57,8 @@ class ReasoningFilter:
 
 def _partial_tag(text: str) -> int:
     """Length of the longest suffix of `text` that begins `<think>` or `</think>`."""
+    if "<" not in text[-(len(CLOSE) - 1) :]:
+        return 0  # the common case, one token at a time: no tag can be starting
     for size in range(min(len(text), len(CLOSE) - 1), 0, -1):
         tail = text[-size:]
         if OPEN.startswith(tail) or CLOSE.startswith(tail):

@@ -87,10 +87,18 @@ def is_safe_topic(topic: object) -> bool:
         isinstance(topic, str)
         and 0 < len(topic) <= MAX_TOPIC_CHARS
         and not topic.startswith("$")
-        and not any(c in topic for c in "+#\x00")
+        and "+" not in topic
+        and "#" not in topic
+        and "\x00" not in topic
     )
 
 
-def is_reply_topic(topic: object, prefix: str) -> bool:
-    """A safe topic strictly under `prefix` (a project's reply namespace: what the worker's ACL grants)."""
-    return is_safe_topic(topic) and str(topic).startswith(prefix) and len(str(topic)) > len(prefix)
+def is_reply_topic(topic: object, prefix: str | tuple[str, ...]) -> bool:
+    """A safe topic strictly under `prefix`, or under one of several: a project's reply namespace.
+
+    That is what the worker's ACL grants; checked before every publish, chunks included.
+    """
+    if not is_safe_topic(topic):
+        return False
+    text = str(topic)
+    return any(text.startswith(p) and len(text) > len(p) for p in ((prefix,) if isinstance(prefix, str) else prefix))
