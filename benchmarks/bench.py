@@ -7,8 +7,8 @@
                from a thread pool, over MQTT (benchmarks/legacy_worker.py)
   (e) serve    vLLM's own OpenAI server, streaming chat completions (benchmarks/serve_arm.py): what a
                user would run instead of the worker
-  mosquitto-mp1  arm (c) with vLLM's default engine layout (VLLM_ENABLE_V1_MULTIPROCESSING=1: the engine
-               core in its own process), which also separates front-end and engine CPU
+  mosquitto-mp1  arm (c) with vLLM's default engine layout (VLLM_ENABLE_V1_MULTIPROCESSING=1: the model
+               in a worker process of its own beside the engine core, one core reserved for the front-end)
 
     .venv/bin/python benchmarks/bench.py [--levels 1,8,32] [--max-tokens 64] [--history] [--micro]
     .venv/bin/vllm-worker bench ...       (the same)
@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import pyspy
+import runs
 from cpu import delta, front_and_engine, group_cpu_s
 from serve_arm import run_serve_level, serve_command, serve_env
 
@@ -659,21 +660,26 @@ async def main_async(args: argparse.Namespace) -> int:
     convo = chats(args.history)
     arms = [a for a in args.arms.split(",") if a]
     n_levels = len(args.levels.split(","))
-    results: dict[str, list[LevelResult]] = {}
     extra: dict[str, Any] = {}
+    reps: list[dict[str, Any]] = []
     with Progress() as progress:
-        task = progress.add_task("benchmark", total=n_levels * len(arms) + (1 if args.micro else 0))
-        for arm in arms:  # one engine at a time: the 2-core machine is never shared between arms
-            progress.update(task, description=f"arm {arm}")
-            results[arm] = await run_arm(arm, args, convo, progress, task)
+        total = args.runs * n_levels * len(arms) + (1 if args.micro else 0)
+        task = progress.add_task("benchmark", total=total)
+        for run in range(1, args.runs + 1):
+            results: dict[str, list[LevelResult]] = {}
+            for arm in arms:  # one engine at a time: the 2-core machine is never shared between arms
+                progress.update(task, description=f"run {run}/{args.runs}: arm {arm}")
+                results[arm] = await run_arm(arm, args, convo, progress, task)
+            reps.append(report(results, args, {}))
         if args.micro:
             progress.update(task, description="micro (fake engine)")
             extra["micro"] = await micro(args.micro_requests, 64, args.micro_flood)
             progress.advance(task)
-    rep = report(results, args, extra)
+    rep = {**reps[-1], **extra}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(rep, indent=2))
-    md = markdown(rep)
+    (RESULTS / "latest-runs.json").write_text(json.dumps(reps, indent=2))
+    md = markdown(rep) + "\n" + runs.markdown(reps)
     (RESULTS / "latest.md").write_text(md)
     try:
         plot(rep, RESULTS / "latest.png")
@@ -690,6 +696,7 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--history", action="store_true", help="realistic variant: a 4-turn chat before each prompt")
     p.add_argument("--arms", default="direct,amqtt,mosquitto,legacy", help="also: serve, mosquitto-mp1, telemetry1s")
+    p.add_argument("--runs", type=int, default=1, help="repeat every arm N times; targets reported as min-max")
     p.add_argument("--micro", action="store_true", help="also the MQTT path alone with the fake engine")
     p.add_argument("--micro-requests", type=int, default=2000)
     p.add_argument("--micro-flood", type=int, default=2000)

@@ -3,8 +3,10 @@
 Groups: `engine` (vLLM's engine-core process and its workers), `front-end` (the worker, or vLLM's API
 server), `broker` (Mosquitto), `client` (this load generator). A group is a set of root pids and, where
 asked, their descendants; a level's figure is the change of user + system time across the level.
-With VLLM_ENABLE_V1_MULTIPROCESSING=0 the engine runs inside the front-end's process, so the two are one
-figure (reported as front-end, engine 0): the MP=1 arm is the one that separates them.
+AsyncLLM always runs its engine core in a child process; VLLM_ENABLE_V1_MULTIPROCESSING only decides
+whether the model runs in that process (0, both cores) or in a further worker process (1). Either way
+the server's descendants are the engine and the server process itself is the front-end. In the direct
+arm the front-end is the load generator and AsyncLLM's front together (one process).
 """
 
 from __future__ import annotations

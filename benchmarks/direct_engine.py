@@ -11,6 +11,10 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu import delta, front_and_engine, group_cpu_s
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -65,10 +69,11 @@ async def main() -> None:
                 n += 1
                 samples.append(await one(llm, tok, chats[i % len(chats)], spec["max_tokens"], f"d{n}"))
 
-        started, cpu = time.perf_counter(), time.process_time()
+        groups = front_and_engine(os.getpid())  # this process (load + AsyncLLM front) and the engine core
+        started, cpu = time.perf_counter(), group_cpu_s(groups)
         await asyncio.gather(*(run(i) for i in range(level["requests"])))
         wall = time.perf_counter() - started
-        cpu_s = {"engine+client": round(time.process_time() - cpu, 3)}  # MP=0: one process does both
+        cpu_s = delta(cpu, group_cpu_s(groups))
         print(json.dumps({"level": level, "wall_s": wall, "samples": samples, "cpu_s": cpu_s}), flush=True)
     llm.shutdown()
 
