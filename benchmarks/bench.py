@@ -63,6 +63,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODEL = ROOT / "models" / "smollm2-135m-instruct"  # --model replaces it (e.g. a real model on a GPU host)
 PROJECT = "general"
 BROKER_PIDS: dict[int, int] = {}
+ARM_ENV = {  # worker arms that differ from (c) by settings only
+    "mosquitto-mp1": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
+}
 PROFILES: Path | None = None  # --profile DIR: py-spy on each server's front-end during every level
 
 
@@ -519,15 +522,22 @@ def report(results: dict[str, list[LevelResult]], args: argparse.Namespace, extr
         return next((r["ttft_ms_p50"] for r in table.get(arm, []) if r["concurrency"] == c), 0.0)
 
     conc = [int(c) for c in args.levels.split(",")]
+
+    def ratio(a: str, b: str, c: int) -> float | None:  # None where either arm did not run
+        return tok(a, c) / tok(b, c) if tok(a, c) and tok(b, c) else None
+
+    def overhead(a: str, c: int) -> float | None:
+        return ttft(a, c) - ttft("direct", c) if tok(a, c) and tok("direct", c) else None
+
     ratios = {
         c: {
-            "amqtt/direct": tok("amqtt", c) / tok("direct", c) if tok("direct", c) else None,
-            "mosquitto/direct": tok("mosquitto", c) / tok("direct", c) if tok("direct", c) else None,
-            "amqtt/legacy": tok("amqtt", c) / tok("legacy", c) if tok("legacy", c) else None,
-            "mosquitto/serve": tok("mosquitto", c) / tok("serve", c) if tok("serve", c) else None,
-            "mosquitto-mp1/serve": tok("mosquitto-mp1", c) / tok("serve", c) if tok("serve", c) else None,
-            "ttft_overhead_ms_amqtt": ttft("amqtt", c) - ttft("direct", c),
-            "ttft_overhead_ms_mosquitto": ttft("mosquitto", c) - ttft("direct", c),
+            "amqtt/direct": ratio("amqtt", "direct", c),
+            "mosquitto/direct": ratio("mosquitto", "direct", c),
+            "amqtt/legacy": ratio("amqtt", "legacy", c),
+            "mosquitto/serve": ratio("mosquitto", "serve", c),
+            "mosquitto-mp1/serve": ratio("mosquitto-mp1", "serve", c),
+            "ttft_overhead_ms_amqtt": overhead("amqtt", c),
+            "ttft_overhead_ms_mosquitto": overhead("mosquitto", c),
         }
         for c in conc
     }
@@ -575,7 +585,7 @@ def markdown(rep: dict[str, Any]) -> str:
 
         lines.append(
             f"| {c} | {f(r['amqtt/direct'])} | {f(r['mosquitto/direct'])} | {f(r['amqtt/legacy'])} | "
-            f"{r['ttft_overhead_ms_amqtt']:.1f}, {r['ttft_overhead_ms_mosquitto']:.1f} |"
+            f"{_ms(r['ttft_overhead_ms_amqtt'])}, {_ms(r['ttft_overhead_ms_mosquitto'])} |"
         )
     lines += _cpu_lines(rep)
     if rep.get("engine_batching_gain"):
@@ -601,11 +611,16 @@ def _cpu_lines(rep: dict[str, Any]) -> list[str]:
         for r in rows:
             groups = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r.get("cpu_s_per_ktok", {}).items()))
             lines.append(f"| {arm} | {r['concurrency']} | {groups or '-'} |")
-    serve = [(c, r["mosquitto/serve"], r["mosquitto-mp1/serve"]) for c, r in rep["ratios"].items()]
-    if any(x is not None for _, x, _ in serve):
-        lines += ["", "| conc | (c) mosquitto/(e) serve | mosquitto-mp1/(e) serve |", "|---|---|---|"]
-        lines += [f"| {c} | {_ratio(x)} | {_ratio(y)} |" for c, x, y in serve]
+    arms = ["mosquitto", "mosquitto-mp1"]
+    serve = [(c, [r.get(f"{a}/serve") for a in arms]) for c, r in rep["ratios"].items()]
+    if any(x is not None for _, xs in serve for x in xs):
+        lines += ["", "| conc | " + " | ".join(f"{a}/(e) serve tok/s" for a in arms) + " |", "|---|---|---|"]
+        lines += [f"| {c} | " + " | ".join(_ratio(x) for x in xs) + " |" for c, xs in serve]
     return lines
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
 
 
 def _ratio(x: float | None) -> str:
@@ -649,7 +664,7 @@ async def run_arm(
     with mosquitto() as port:
         if arm == "legacy":
             return await arm_legacy(port, spec, convo, tokens, progress, task)
-        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"} if arm == "mosquitto-mp1" else None
+        env = ARM_ENV.get(arm)
         return await arm_worker(arm, port, spec, convo, tokens, progress, task, env=env)
 
 
@@ -695,7 +710,11 @@ def main() -> int:
     p.add_argument("--model", default=None, help="HF model dir (default: the demo model)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--history", action="store_true", help="realistic variant: a 4-turn chat before each prompt")
-    p.add_argument("--arms", default="direct,amqtt,mosquitto,legacy", help="also: serve, mosquitto-mp1, telemetry1s")
+    p.add_argument(
+        "--arms",
+        default="direct,amqtt,mosquitto,legacy",
+        help="also: serve, mosquitto-mp1, telemetry1s",
+    )
     p.add_argument("--runs", type=int, default=1, help="repeat every arm N times; targets reported as min-max")
     p.add_argument("--micro", action="store_true", help="also the MQTT path alone with the fake engine")
     p.add_argument("--micro-requests", type=int, default=2000)
