@@ -1,14 +1,12 @@
 """`Bus`: paho-mqtt 2.x bridged to asyncio. The only importer of paho; it carries bytes, not protocol.
 
 paho runs its network thread (`loop_start`): connect, keepalive and reconnect with backoff happen there.
-Callbacks only hand work to the event loop (`call_soon_threadsafe`) into a bounded queue; when the
-queue is full the message is parked, never dropped (it is not acked yet), and once `inbox_size` more
-are parked paho's thread waits for the intake to catch up (TCP backpressure: memory stays bounded even
-on MQTT 3.1.1, where the broker knows no ReceiveMaximum). `subscribe` returns once the broker granted
-every filter (SUBACK), so `ready` is never announced for topics the broker refused. Every socket gets
-TCP_NODELAY (without it a QoS1 round trip costs 40-90 ms), and `suppress_exceptions` keeps one raising
-callback from silently killing the network thread. QoS1 publishes resolve when the broker's PUBACK
-arrives, so "replied" means the broker has it.
+Callbacks only hand work to the loop (`call_soon_threadsafe`; PUBACKs in batches) into a bounded queue;
+a full queue parks the message, never drops it (it is not acked yet), and once `inbox_size` more are
+parked paho's thread waits for the intake (TCP backpressure: bounded memory even on MQTT 3.1.1).
+`subscribe` returns once the broker granted every filter, so `ready` is never announced for refused
+topics. Every socket gets TCP_NODELAY (else a QoS1 round trip costs 40-90 ms); `suppress_exceptions`
+keeps a raising callback from killing the thread. QoS1 publishes resolve on the broker's PUBACK.
 """
 
 from __future__ import annotations
