@@ -87,8 +87,12 @@ def wait(what: Callable[[], object], timeout_s: float = 15.0) -> Any:
 def test_the_fleet_page_lists_the_worker_and_its_charts_move(lab):
     driver, by = lab["driver"], _by()
     driver.get(lab["url"] + "/")
-    row = wait(lambda: driver.find_element(by.CSS_SELECTOR, 'tr[data-worker="lab-gpu-0"]'))
-    cells = [td.text for td in row.find_elements(by.TAG_NAME, "td")]
+
+    def row_cells() -> list[str]:  # one lookup per try: the table re-renders its rows on every report
+        row = driver.find_element(by.CSS_SELECTOR, 'tr[data-worker="lab-gpu-0"]')
+        return [td.text for td in row.find_elements(by.TAG_NAME, "td")]
+
+    cells = wait(row_cells)  # a stale row (CI once read one mid-render) is read again
     assert cells[:5] == ["lab-gpu-0", "ready", "fake-model", "none", "maze, driving"]
     chart = driver.find_element(by.ID, "chart-run")
     first = wait(lambda: chart.get_attribute("data-last-x"))
