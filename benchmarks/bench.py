@@ -516,10 +516,10 @@ def report(results: dict[str, list[LevelResult]], args: argparse.Namespace, extr
     table = {arm: [r.summary() for r in rows] for arm, rows in results.items()}
 
     def tok(arm: str, c: int) -> float:
-        return next((r["tok_per_s"] for r in table.get(arm, []) if r["concurrency"] == c), 0.0)
+        return float(row["tok_per_s"]) if (row := runs.level_row(table, arm, c)) else 0.0
 
     def ttft(arm: str, c: int) -> float:
-        return next((r["ttft_ms_p50"] for r in table.get(arm, []) if r["concurrency"] == c), 0.0)
+        return float(row["ttft_ms_p50"]) if (row := runs.level_row(table, arm, c)) else 0.0
 
     conc = [int(c) for c in args.levels.split(",")]
 
@@ -614,7 +614,8 @@ def _cpu_lines(rep: dict[str, Any]) -> list[str]:
     arms = ["mosquitto", "mosquitto-mp1"]
     serve = [(c, [r.get(f"{a}/serve") for a in arms]) for c, r in rep["ratios"].items()]
     if any(x is not None for _, xs in serve for x in xs):
-        lines += ["", "| conc | " + " | ".join(f"{a}/(e) serve tok/s" for a in arms) + " |", "|---|---|---|"]
+        header = "| conc | " + " | ".join(f"{a}/(e) serve tok/s" for a in arms) + " |"
+        lines += ["", header, "|---" * (1 + len(arms)) + "|"]
         lines += [f"| {c} | " + " | ".join(_ratio(x) for x in xs) + " |" for c, xs in serve]
     return lines
 
@@ -710,11 +711,7 @@ def main() -> int:
     p.add_argument("--model", default=None, help="HF model dir (default: the demo model)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--history", action="store_true", help="realistic variant: a 4-turn chat before each prompt")
-    p.add_argument(
-        "--arms",
-        default="direct,amqtt,mosquitto,legacy",
-        help="also: serve, mosquitto-mp1, telemetry1s",
-    )
+    p.add_argument("--arms", default="direct,amqtt,mosquitto,legacy", help="also: serve, mosquitto-mp1, telemetry1s")
     p.add_argument("--runs", type=int, default=1, help="repeat every arm N times; targets reported as min-max")
     p.add_argument("--micro", action="store_true", help="also the MQTT path alone with the fake engine")
     p.add_argument("--micro-requests", type=int, default=2000)

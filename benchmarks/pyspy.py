@@ -3,8 +3,9 @@
 `bench --profile DIR` records the server process (the worker, or vLLM's API server) with py-spy for
 the whole of each level, as collapsed stacks (`DIR/{arm}-c{concurrency}.txt`), and summarises them:
 the functions with the most samples on top of the stack (self) and anywhere in it (inclusive), per
-thread. Only on-CPU samples are kept (py-spy's default drops idle threads), so the shares are shares
-of the process's CPU. Needs ptrace rights (root, or CAP_SYS_PTRACE in a container).
+thread. py-spy is meant to drop idle threads, but here it kept threads blocked in a queue get, a
+select or paho's loop, so the shares include waiting: read a top row such as `_worker
+(concurrent/futures/thread.py)` or `select` as idle. Needs ptrace rights (root, or CAP_SYS_PTRACE).
 """
 
 from __future__ import annotations
@@ -24,21 +25,19 @@ _TID = re.compile(r"^(?:process \d+:\s*)?thread \(\w+\):?\s*")
 
 def available() -> str | None:
     """The py-spy executable, or None (the bench then says so and runs without profiles)."""
-    return shutil.which("py-spy") or next(
-        (str(p) for p in [Path(__file__).resolve().parents[1] / ".venv" / "bin" / "py-spy"] if p.exists()), None
-    )
+    venv = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "py-spy"
+    return shutil.which("py-spy") or (str(venv) if venv.exists() else None)
 
 
 @contextlib.contextmanager
-def recording(pid: int, out: Path, subprocesses: bool = False) -> Iterator[None]:
+def recording(pid: int, out: Path) -> Iterator[None]:
     """py-spy record on `pid` while the block runs; SIGINT makes it write `out` and exit."""
     exe = available()
     if exe is None:
         yield
         return
     cmd = [exe, "record", "--pid", str(pid), "--format", "raw", "--rate", "100", "--threads", "-o", str(out)]
-    cmd += ["--subprocesses"] if subprocesses else []
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield
     finally:
@@ -84,7 +83,7 @@ def summarize(path: Path, top: int = 15) -> dict[str, object]:
 
 def markdown(name: str, summary: dict[str, object]) -> str:
     """A short report of one profile (what the bench prints and writes next to it)."""
-    lines = [f"### {name}: {summary['samples']} on-CPU samples (100/s)", ""]
+    lines = [f"### {name}: {summary['samples']} samples (100/s)", ""]
     for key in ("threads", "self", "inclusive"):
         rows = summary[key]
         assert isinstance(rows, list)

@@ -11,8 +11,9 @@ from typing import Any
 WORKER = "mosquitto"  # the production path: the worker behind Mosquitto
 
 
-def _row(rep: dict[str, Any], arm: str, conc: int) -> dict[str, Any] | None:
-    return next((r for r in rep["arms"].get(arm, []) if r["concurrency"] == conc), None)
+def level_row(arms: dict[str, list[dict[str, Any]]], arm: str, conc: int) -> dict[str, Any] | None:
+    """One arm's summary at one concurrency (None where that arm or level did not run)."""
+    return next((r for r in arms.get(arm, []) if r["concurrency"] == conc), None)
 
 
 def _front_cpu(row: dict[str, Any]) -> float:
@@ -37,7 +38,7 @@ def ranges(reps: list[dict[str, Any]]) -> dict[str, dict[int, tuple[float, float
         for conc in levels:
             values = []
             for rep in reps:
-                w, o = _row(rep, WORKER, conc), _row(rep, other, conc)
+                w, o = level_row(rep["arms"], WORKER, conc), level_row(rep["arms"], other, conc)
                 if w and o:
                     try:
                         values.append(ratio(w, o))

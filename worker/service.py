@@ -269,7 +269,7 @@ class Service:
         await self._bus.publish(topic, payload, qos=1, correlation_data=correlation, wait=wait)
 
     def _is_reply_topic(self, topic: str) -> bool:
-        return protocol.is_reply_topic(topic, self._reply_prefixes)
+        return protocol.is_reply_topic(topic, *self._reply_prefixes)
 
 
 def _model_config(model_path: str) -> dict[str, Any]:

@@ -93,12 +93,9 @@ def is_safe_topic(topic: object) -> bool:
     )
 
 
-def is_reply_topic(topic: object, prefix: str | tuple[str, ...]) -> bool:
-    """A safe topic strictly under `prefix`, or under one of several: a project's reply namespace.
+def is_reply_topic(topic: object, *prefixes: str) -> bool:
+    """A safe topic strictly under one of `prefixes`: a project's reply namespace, what the ACL grants.
 
-    That is what the worker's ACL grants; checked before every publish, chunks included.
+    Checked before every publish, chunks included, so safety is tested once for all prefixes.
     """
-    if not is_safe_topic(topic):
-        return False
-    text = str(topic)
-    return any(text.startswith(p) and len(text) > len(p) for p in ((prefix,) if isinstance(prefix, str) else prefix))
+    return is_safe_topic(topic) and any(str(topic).startswith(p) and len(str(topic)) > len(p) for p in prefixes)
