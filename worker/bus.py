@@ -1,12 +1,12 @@
-"""`Bus`: paho-mqtt 2.x bridged to asyncio. The only importer of paho; it carries bytes, not protocol.
+"""`Bus`: paho-mqtt 2.x on asyncio. With `pahoio`, the only importer of paho; it carries bytes, not protocol.
 
-paho runs its network thread (`loop_start`): connect, keepalive and reconnect with backoff happen there.
-Callbacks only hand work to the loop (`call_soon_threadsafe`; PUBACKs in batches) into a bounded queue;
-a full queue parks the message, never drops it (it is not acked yet), and once `inbox_size` more are
-parked paho's thread waits for the intake (TCP backpressure: bounded memory even on MQTT 3.1.1).
-`subscribe` returns once the broker granted every filter, so `ready` is never announced for refused
-topics. Every socket gets TCP_NODELAY (else a QoS1 round trip costs 40-90 ms); `suppress_exceptions`
-keeps a raising callback from killing the thread. QoS1 publishes resolve on the broker's PUBACK.
+paho runs on the event loop's thread (`pahoio.Driver`: no network thread, no cross-thread hand-over), so
+its callbacks run here and act directly. Connect tries MQTT v5, then 3.1.1 (amqtt); after a lost
+connection `_keep_connected` reconnects with backoff (1 s doubling to 30 s) and restores subscriptions.
+Inbound messages queue unacked; once `2 x inbox_size` wait for the intake, reading the socket pauses
+until half are taken (TCP backpressure: bounded memory even on MQTT 3.1.1). `subscribe` returns once the
+broker granted every filter, so `ready` is never announced for refused topics. QoS1 publishes resolve on
+the broker's PUBACK. If the driver fails, `messages()` raises: the intake dies loudly, never deaf.
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
@@ -31,8 +29,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from worker.config import BrokerConfig
 from worker.errors import ConfigError
-from worker.handoff import Handoff
 from worker.message import InboundMessage
+from worker.pahoio import Driver, LoopClient, correlated
 
 log = structlog.get_logger(__name__)
 
@@ -40,17 +38,8 @@ V5_PROBE_TIMEOUT_S = 3.0
 SUBACK_TIMEOUT_S = 10.0
 UNSUPPORTED_PROTOCOL = 132  # v5 CONNACK reason "Unsupported Protocol Version" (amqtt answers v5 with it)
 NOT_AUTHORIZED = frozenset({4, 5, 134, 135})  # v3 rc 4/5, v5 "Bad user name or password"/"Not authorized"
-
-
-class _ShutdownNoise(logging.Filter):
-    """paho's network thread logs one ERROR "Client is not connected" after every clean disconnect."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Client is not connected")
-
-
-_PAHO_LOG = logging.getLogger("paho")
-_PAHO_LOG.addFilter(_ShutdownNoise())
+RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 30.0
+CLOSE_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +57,10 @@ class BusConnectError(ConfigError):
 
 class BusSubscribeError(ConfigError):
     """The broker refused a subscription (an ACL that does not grant what PROTOCOL section 7 needs)."""
+
+
+class BusFailedError(RuntimeError):
+    """The connection's driver failed; nothing more will be received (the process must stop)."""
 
 
 class Bus:
@@ -90,32 +83,32 @@ class Bus:
         self._client_id = client_id
         self._will = will
         self._protocol = protocol or cfg.protocol
-        self._inbox: asyncio.Queue[InboundMessage] = asyncio.Queue(inbox_size)
-        self._parked: set[asyncio.Task[None]] = set()
-        self._handoffs = threading.Semaphore(2 * inbox_size)
-        """Messages handed to the loop and not yet taken by `messages()`: queued plus parked."""
-        self._closing = threading.Event()
+        self._inbox: asyncio.Queue[InboundMessage | None] = asyncio.Queue()  # None: the driver failed
+        self._high, self._low = 2 * inbox_size, inbox_size
+        self._failure: BaseException | None = None
+        self._closing = False
         self._subacks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
         self._subscriptions: dict[str, int] = {}
         self._pending: dict[int, asyncio.Future[None]] = {}
-        self._acks: Handoff[int] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: mqtt.Client | None = None
+        self._client: LoopClient | None = None
+        self._driver: Driver | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._lost = asyncio.Event()
+        self._backoff_s = RECONNECT_MIN_S
         self._connected = asyncio.Event()
-        self._first_connack: asyncio.Future[ReasonCode | None] | None = None
-        """Resolves with the first CONNACK's code, or None when the broker closed before answering."""
+        self._first_connack: asyncio.Future[ReasonCode | None] | None = None  # None: closed, no CONNACK
         self.is_v5 = False
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
-        self._loop = asyncio.get_running_loop()
-        self._acks = Handoff(self._loop, self._published)
         order = {"5": ["5"], "3.1.1": ["3.1.1"], "auto": ["5", "3.1.1"]}[self._protocol]
         for version in order:
             probe = version == "5" and len(order) > 1
             timeout_s = min(V5_PROBE_TIMEOUT_S, self._cfg.connect_timeout_s) if probe else self._cfg.connect_timeout_s
             connected, code = await self._connect(version, timeout_s, probe)
             if connected:
+                self._keeper = asyncio.create_task(self._keep_connected())  # supervised: _kept, then messages()
+                self._keeper.add_done_callback(self._kept)
                 return self
             refused_v5 = code is None or code.value == UNSUPPORTED_PROTOCOL
             if version == "5" and refused_v5 and "3.1.1" in order:
@@ -132,34 +125,37 @@ class Bus:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        client, self._client = self._client, None
-        self._closing.set()
-        for task in self._parked:
-            task.cancel()
-        if client is not None:
+        self._closing = True
+        if self._keeper is not None:
+            self._keeper.cancel()
+        client, driver = self._client, self._driver
+        self._client = None
+        if client is not None and driver is not None:
             if client.is_connected():
-                client.disconnect()
-            await asyncio.to_thread(client.loop_stop)
+                client.disconnect()  # paho closes the socket once DISCONNECT is written
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                        await driver.closed.wait()
+            driver.close()
         for fut in self._pending.values():
             if not fut.done():
                 fut.cancel()
         self._pending.clear()
 
-    def _make_client(self, version: str) -> mqtt.Client:
+    def _make_client(self, version: str) -> LoopClient:
         v5 = version == "5"
-        client = mqtt.Client(
+        client = LoopClient(
             CallbackAPIVersion.VERSION2,
             client_id=self._client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else not self._persistent,
             manual_ack=True,
+            reconnect_on_failure=False,  # reconnects are ours (_keep_connected), never paho's own
         )
         client.suppress_exceptions = True
-        client.enable_logger(_PAHO_LOG)  # swallowed callback errors still get logged
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.enable_logger(logging.getLogger("paho"))  # swallowed callback errors still get logged
         client.max_inflight_messages_set(64)
         client.max_queued_messages_set(self._cfg.max_queued_replies)
-        client.on_socket_open = _nodelay
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -167,28 +163,30 @@ class Bus:
         client.on_subscribe = self._on_subscribe
         if self._cfg.username:
             client.username_pw_set(self._cfg.username, self._cfg.secret())
-        _, _, tls = self._cfg.endpoint()
-        if tls:
-            context = ssl.create_default_context(cafile=self._cfg.ca_file)
-            if self._cfg.cert_file:
-                context.load_cert_chain(self._cfg.cert_file, self._cfg.key_file)
-            client.tls_set_context(context)
         if self._will is not None:
             client.will_set(self._will.topic, self._will.payload, qos=1, retain=self._will.retain)
         return client
 
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if not self._cfg.endpoint()[2]:
+            return None
+        context = ssl.create_default_context(cafile=self._cfg.ca_file)
+        if self._cfg.cert_file:
+            context.load_cert_chain(self._cfg.cert_file, self._cfg.key_file)
+        return context
+
     async def _connect(self, version: str, timeout_s: float, probe: bool) -> tuple[bool, ReasonCode | None]:
-        """Connect with one protocol version.
+        """Connect with one protocol version, retrying refused TCP connects until `timeout_s`.
 
         Returns (True, None) on success, else (False, the refusal's reason code, or None when the broker
         closed the connection or, for a `probe`, did not answer in time: amqtt hangs on v5 CONNECTs that
         carry properties, such as a Last Will's).
         """
-        assert self._loop is not None  # noqa: S101 - set in __aenter__
         host, port, _ = self._cfg.endpoint()
         client = self._make_client(version)
-        self._first_connack = self._loop.create_future()
-        self._client = client
+        driver = Driver(client, (host, port), self._tls_context(), self._cfg.connect_timeout_s, self._fail)
+        self._first_connack = asyncio.get_running_loop().create_future()
+        self._client, self._driver = client, driver
         props = None
         if version == "5" and (self._persistent or self._receive_maximum):
             # (amqtt hangs on CONNECT properties: only the v5 probe, with its short timeout, may meet it)
@@ -199,109 +197,113 @@ class Bus:
                 props.ReceiveMaximum = self._receive_maximum
         clean = not self._persistent if version == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY
         client.connect_async(host, port, keepalive=self._cfg.keepalive_s, clean_start=clean, properties=props)
-        client.loop_start()
         try:
             async with asyncio.timeout(timeout_s):
-                code = await self._first_connack
+                code = await self._first_answer(driver)
         except TimeoutError:
-            await self._abandon(client)
+            driver.close()  # never connected: no DISCONNECT to send
+            self._client = self._driver = None
             if probe:
                 return False, None
             raise BusConnectError(f"cannot reach the MQTT broker at {host}:{port} within {timeout_s:.0f} s") from None
         if code is None or code.is_failure:
-            await self._abandon(client)
+            driver.close()
+            self._client = self._driver = None
             return False, code
         self.is_v5 = version == "5"
-        log.info(
-            "bus.connected",
-            host=host,
-            port=port,
-            mqtt="5" if self.is_v5 else "3.1.1",
-            client_id=self._client_id,
-        )
+        log.info("bus.connected", host=host, port=port, mqtt="5" if self.is_v5 else "3.1.1", client_id=self._client_id)
         return True, None
 
-    async def _abandon(self, client: mqtt.Client) -> None:
-        """Stop a client that never got connected (no DISCONNECT to send)."""
-        self._client = None
-        await asyncio.to_thread(client.loop_stop)
-        sock = client.socket()
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.close()
+    async def _first_answer(self, driver: Driver) -> ReasonCode | None:
+        """Open the connection (a refused TCP connect is retried: the broker may still be starting)."""
+        assert self._first_connack is not None  # noqa: S101 - set by _connect
+        delay_s = RECONNECT_MIN_S / 4
+        while True:
+            try:
+                await driver.open()
+            except ssl.SSLCertVerificationError as exc:  # retrying cannot help
+                host, port, _ = self._cfg.endpoint()
+                raise BusConnectError(f"broker {host}:{port}: TLS certificate refused ({exc.verify_message})") from None
+            except OSError as exc:
+                log.debug("bus.connect_retry", error=type(exc).__name__)
+                await asyncio.sleep(delay_s)
+                delay_s = min(2 * delay_s, RECONNECT_MIN_S)
+                continue
+            return await self._first_connack
 
-    # ---- paho network thread: hand everything to the loop, never block or raise ---------------------
+    async def _keep_connected(self) -> None:
+        """After a lost connection: reconnect with backoff (1 s doubling to 30 s; a CONNACK resets it)."""
+        while True:
+            await self._lost.wait()
+            self._lost.clear()
+            await asyncio.sleep(self._backoff_s)
+            self._backoff_s = min(2 * self._backoff_s, RECONNECT_MAX_S)
+            if self._driver is None or self._closing:
+                return
+            try:
+                await self._driver.open()
+            except OSError as exc:
+                log.info("bus.reconnect_failed", error=type(exc).__name__, retry_s=self._backoff_s)
+                self._lost.set()
+
+    def _kept(self, task: asyncio.Task[None]) -> None:
+        if not self._closing:
+            self._fail(task.exception() if not task.cancelled() else asyncio.CancelledError())
+
+    def _fail(self, exc: BaseException | None) -> None:
+        """The driver or the reconnect loop died: make `messages()` raise so the process stops loudly."""
+        self._failure = exc or RuntimeError("reconnect loop ended")
+        log.critical("bus.failed", exc_info=self._failure)
+        self._inbox.put_nowait(None)
+
+    # ---- paho callbacks (on the loop's thread, inside loop_read/loop_write/loop_misc): never raise ----
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, code: ReasonCode, _p: Any) -> None:  # noqa: ANN401
         if not code.is_failure and self._subscriptions:
             client.subscribe(list(self._subscriptions.items()))  # restore after a reconnect
-        assert self._loop is not None  # noqa: S101
-        self._loop.call_soon_threadsafe(self._connack, code)
-
-    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, code: ReasonCode, _p: Any) -> None:  # noqa: ANN401
-        assert self._loop is not None  # noqa: S101
-        self._loop.call_soon_threadsafe(self._disconnected, code)
-
-    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:  # noqa: ANN401
-        props = getattr(msg, "properties", None)
-        inbound = InboundMessage(
-            topic=msg.topic,
-            payload=bytes(msg.payload),
-            qos=msg.qos,
-            mid=msg.mid,
-            dup=bool(msg.dup),
-            response_topic=getattr(props, "ResponseTopic", None),
-            correlation_data=getattr(props, "CorrelationData", None),
-            expiry_s=getattr(props, "MessageExpiryInterval", None),
-            retain=bool(msg.retain),
-        )
-        assert self._loop is not None  # noqa: S101
-        while not self._handoffs.acquire(timeout=0.5):  # backpressure: the intake is behind
-            if self._closing.is_set():
-                return
-        self._loop.call_soon_threadsafe(self._enqueue, inbound)
-
-    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, codes: list[ReasonCode], _p: Any) -> None:  # noqa: ANN401
-        assert self._loop is not None  # noqa: S101
-        self._loop.call_soon_threadsafe(self._subscribed, mid, list(codes))
-
-    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _code: Any, _p: Any) -> None:  # noqa: ANN401
-        assert self._acks is not None  # noqa: S101
-        self._acks.put(mid)  # in batches: one loop wake-up for many PUBACKs
-
-    # ---- event-loop side of the callbacks --------------------------------------------------------------
-    def _connack(self, code: ReasonCode) -> None:
         if self._first_connack is not None and not self._first_connack.done():
             self._first_connack.set_result(code)
-        if code.is_failure:
+        if code.is_failure or self._connected.is_set():
             return
-        if self._connected.is_set():
-            return
+        self._backoff_s = RECONNECT_MIN_S
         self._connected.set()
         if self._subscriptions:
             log.info("bus.reconnected")
 
-    def _disconnected(self, code: ReasonCode) -> None:
+    def _on_disconnect(self, client: mqtt.Client, _u: Any, _f: Any, code: ReasonCode, _p: Any) -> None:  # noqa: ANN401
         if self._first_connack is not None and not self._first_connack.done():
             self._first_connack.set_result(None)
-        if self._connected.is_set() and self._client is not None:
+        if client is not self._client:
+            return
+        if self._connected.is_set():
             log.warning("bus.disconnected", reason=str(code))
         self._connected.clear()
+        if not self._closing:
+            self._lost.set()
 
-    def _enqueue(self, msg: InboundMessage) -> None:
-        try:
-            self._inbox.put_nowait(msg)
-        except asyncio.QueueFull:
-            # park: unacked, so nothing is lost; a queue put cannot fail, and __aexit__ cancels what is parked
-            task = asyncio.ensure_future(self._inbox.put(msg))  # supervised: see the line above
-            self._parked.add(task)
-            task.add_done_callback(self._parked.discard)
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:  # noqa: ANN401
+        props = getattr(msg, "properties", None)
+        self._inbox.put_nowait(
+            InboundMessage(
+                topic=msg.topic,
+                payload=bytes(msg.payload),
+                qos=msg.qos,
+                mid=msg.mid,
+                dup=bool(msg.dup),
+                response_topic=getattr(props, "ResponseTopic", None),
+                correlation_data=getattr(props, "CorrelationData", None),
+                expiry_s=getattr(props, "MessageExpiryInterval", None),
+                retain=bool(msg.retain),
+            )
+        )
+        if self._inbox.qsize() >= self._high and self._driver is not None:
+            self._driver.pause_reading()  # backpressure: the intake is behind
 
-    def _subscribed(self, mid: int, codes: list[ReasonCode]) -> None:
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, codes: list[ReasonCode], _p: Any) -> None:  # noqa: ANN401
         fut = self._subacks.pop(mid, None)
         if fut is not None and not fut.done():
-            fut.set_result(codes)
+            fut.set_result(list(codes))
 
-    def _published(self, mid: int) -> None:
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _code: Any, _p: Any) -> None:  # noqa: ANN401
         fut = self._pending.pop(mid, None)
         if fut is not None and not fut.done():
             fut.set_result(None)
@@ -312,7 +314,7 @@ class Bus:
         """Whether the broker connection is up right now."""
         return self._connected.is_set()
 
-    def _require(self) -> mqtt.Client:
+    def _require(self) -> LoopClient:
         if self._client is None:
             raise RuntimeError("bus is not connected")
         return self._client
@@ -329,11 +331,10 @@ class Bus:
         """
         new = dict.fromkeys(topics, qos)
         self._subscriptions.update(new)
-        assert self._loop is not None  # noqa: S101 - set in __aenter__
         result, mid = self._require().subscribe(list(new.items()))
         if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
             raise BusSubscribeError(f"cannot subscribe: {mqtt.error_string(result)}")
-        fut: asyncio.Future[list[ReasonCode]] = self._loop.create_future()
+        fut: asyncio.Future[list[ReasonCode]] = asyncio.get_running_loop().create_future()
         self._subacks[mid] = fut
         try:
             async with asyncio.timeout(SUBACK_TIMEOUT_S):
@@ -364,28 +365,27 @@ class Bus:
     ) -> None:
         """Publish; with QoS1 and `wait`, return once the broker has acked it (queued across reconnects)."""
         client = self._require()
-        props = None
-        if correlation_data is not None and self.is_v5:
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.CorrelationData = correlation_data
+        props = correlated(correlation_data) if correlation_data is not None and self.is_v5 else None
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             log.error("bus.publish_dropped", topic=topic[:128], reason="outgoing queue full while disconnected")
             return
         if qos == 0 or not wait:
             return
-        assert self._loop is not None  # noqa: S101
-        fut = self._loop.create_future()
+        # (NO_CONN: paho queued it and sends it after the reconnect.) The PUBACK cannot race ahead of this
+        # registration: paho reads it on this thread, in a later loop turn.
+        fut = asyncio.get_running_loop().create_future()
         self._pending[info.mid] = fut
-        # NO_CONN: paho queued it and sends it after the reconnect (is_published() would raise then)
-        if info.rc == mqtt.MQTT_ERR_SUCCESS and info.is_published():  # PUBACK raced ahead of the registration
-            self._published(info.mid)
         await fut
 
     async def messages(self) -> InboundMessage:
-        """The next inbound message (waits)."""
+        """The next inbound message (waits). Raises `BusFailedError` once the connection's driver failed."""
         msg = await self._inbox.get()
-        self._handoffs.release()
+        if msg is None:
+            self._inbox.put_nowait(None)  # for every other reader too
+            raise BusFailedError("the MQTT connection's driver failed") from self._failure
+        if self._inbox.qsize() < self._low and self._driver is not None:
+            self._driver.resume_reading()
         return msg
 
     def ack(self, msg: InboundMessage) -> None:
@@ -393,8 +393,3 @@ class Bus:
         if msg.qos > 0 and self._client is not None:
             with contextlib.suppress(ValueError):
                 self._client.ack(msg.mid, msg.qos)
-
-
-def _nodelay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:  # noqa: ANN401
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
