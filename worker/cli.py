@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from worker import __version__
+from worker import __version__, eventloop
 from worker.config import ROOT, WorkerConfig, load, resolve_path
 from worker.errors import ConfigError
 from worker.models import DEMO_DIR, check_model_dir, is_prepared, prepare_demo
@@ -143,7 +143,7 @@ def serve(argv: Sequence[str]) -> int:
             engine.preflight()  # fail fast, exit 2, before any broker traffic or engine load
             _check_adapters(cfg, projects, model_dir)
         service = Service(cfg, projects, engine, say=say)
-        return asyncio.run(_run(service))
+        return eventloop.run(_run(service), cfg.worker.event_loop)
     except ConfigError as exc:
         say(f"error: {exc}")
         return EXIT_CONFIG
