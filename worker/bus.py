@@ -240,6 +240,8 @@ class Bus:
             self._backoff_s = min(2 * self._backoff_s, RECONNECT_MAX_S)
             if self._driver is None or self._closing:
                 return
+            if self._connected.is_set():  # back already (never reopen a live connection)
+                continue
             try:
                 await self._driver.open()
             except OSError as exc:
@@ -277,7 +279,7 @@ class Bus:
         if self._connected.is_set():
             log.warning("bus.disconnected", reason=str(code))
         self._connected.clear()
-        if not self._closing:
+        if not self._closing and self._keeper is not None:  # (a refused first attempt is _connect's to handle)
             self._lost.set()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:  # noqa: ANN401

@@ -10,6 +10,7 @@ import threading
 import pytest
 from support import Mosquitto, free_port, peer
 
+from worker.broker import EmbeddedBroker
 from worker.bus import Bus, BusConnectError, BusFailedError
 from worker.config import BrokerConfig
 
@@ -60,6 +61,22 @@ async def test_a_lost_connection_reconnects_and_restores_the_subscriptions(mosqu
                     break
                 await asyncio.sleep(0.1)
         await p.wait_for(lambda got: any(m.payload == b"after the restart" for m in got), timeout_s=1)
+
+
+async def test_the_v311_fallback_keeps_its_one_connection():
+    """amqtt refuses v5; the refused probe must not leave a reconnect pending for the 3.1.1 connection."""
+    async with EmbeddedBroker(BrokerConfig(embedded_port=free_port())) as amqtt:
+        cfg = BrokerConfig(url=f"mqtt://127.0.0.1:{amqtt.port}")
+        async with Bus(cfg, "fallback") as bus, peer(amqtt.port, [], "sender") as sender:
+            assert not bus.is_v5
+            await bus.subscribe(["t/one"])
+            sock = bus._client.socket()  # type: ignore[union-attr]
+            await asyncio.sleep(2.5)  # past the first reconnect backoff (1 s)
+            assert bus._client.socket() is sock  # type: ignore[union-attr]
+            await sender.publish("t/one", "still here")
+            async with asyncio.timeout(5):
+                msg = await bus.messages()
+            assert msg.payload == b"still here"
 
 
 async def test_a_driver_that_fails_makes_messages_raise_instead_of_going_deaf(mosquitto):
