@@ -1,6 +1,6 @@
 """CPU the bus spends per published message (issue 16): the stream-chunk path alone, without an engine.
 
-    .venv/bin/python benchmarks/bus_cpu.py [--streams 32] [--chunks 200] [--bytes 300] [--rounds 3]
+    .venv/bin/python benchmarks/bus_cpu.py [--streams 32] [--chunks 200] [--bytes 300] [--rounds 3] [--loop auto]
 
 `--streams` tasks each publish one QoS1 chunk with MQTT v5 correlation data per round, all woken in the
 same loop turn like the worker's requests after an engine step, for `--chunks` rounds, to Mosquitto
@@ -30,9 +30,9 @@ from worker.bus import Bus
 from worker.config import BrokerConfig
 
 try:
-    from worker import pahoio
-except ImportError:  # a commit before pahoio: paho's network thread
-    pahoio = None  # type: ignore[assignment]
+    from worker import eventloop, pahoio
+except ImportError:  # a commit before pahoio: paho's network thread, asyncio only
+    eventloop = pahoio = None  # type: ignore[assignment]
 
 WRITES = [0]
 
@@ -98,13 +98,15 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=200)
     ap.add_argument("--bytes", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto", help="as worker.event_loop")
     args = ap.parse_args()
     _count_writes()
     n = args.streams * args.chunks
     with mosquitto() as port, Progress() as progress:
         for r in range(args.rounds):
             WRITES[0] = 0
-            spent = asyncio.run(one_round_set(port, args, progress))
+            main = one_round_set(port, args, progress)
+            spent = eventloop.run(main, args.loop) if eventloop is not None else asyncio.run(main)
             writes = WRITES[0] if pahoio is not None else "n/a (paho's thread)"
             progress.console.print(
                 f"round {r + 1}: {spent * 1e6 / n:.1f} us CPU per message ({n} messages, {spent:.3f} s), "

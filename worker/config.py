@@ -182,7 +182,7 @@ class WorkerSection(_Section):
     drain_timeout_s: float = Field(5.0, ge=0)
     """In-flight requests get this long to finish on SIGTERM/Ctrl-C; the rest are answered `shutting_down`."""
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
-    """`auto`: uvloop where installed (it comes with vLLM; a fifth less CPU per streamed chunk), else asyncio."""
+    """`auto`: uvloop where installed (it comes with vLLM; less CPU per streamed chunk), else asyncio."""
 
 
 class StateConfig(_Section):
