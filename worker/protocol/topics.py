@@ -98,4 +98,7 @@ def is_reply_topic(topic: object, *prefixes: str) -> bool:
 
     Checked before every publish, chunks included, so safety is tested once for all prefixes.
     """
-    return is_safe_topic(topic) and any(str(topic).startswith(p) and len(str(topic)) > len(p) for p in prefixes)
+    if not is_safe_topic(topic):
+        return False
+    text = str(topic)
+    return any(text.startswith(p) and len(text) > len(p) for p in prefixes)
