@@ -80,6 +80,13 @@ async def test_a_killed_workers_requests_are_redelivered_after_restart_exactly_o
                 async with Client(BrokerConfig(url=mosquitto.url), client_id="app") as c:  # one later answer each:
                     late = [c.ask("general", "a b c d e f g h", request_id=f"late{i}", timeout_s=30) for i in range(2)]
                     assert all(r.ok for r in await asyncio.gather(*late))  # a duplicate would have come first
+                # the app got its answers; the `finals` peer gets the same finals on its own connection, maybe later
+                await finals.wait_for(
+                    lambda got: (
+                        {"late0", "late1"}
+                        <= {json.loads(m.payload)["requestId"] for m in got if json.loads(m.payload).get("done")}
+                    )
+                )
     finals_by_id = Counter(json.loads(m.payload)["requestId"] for m in finals.received if json.loads(m.payload)["done"])
     assert finals_by_id == Counter({**{f"r{i}": 1 for i in range(12)}, "late0": 1, "late1": 1})
     workers = {json.loads(m.payload)["worker"] for m in finals.received if json.loads(m.payload)["done"]}
