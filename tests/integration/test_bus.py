@@ -8,18 +8,11 @@ import gc
 import threading
 
 import pytest
-from support import Mosquitto, free_port, peer
+from support import free_port, peer
 
 from worker.broker import EmbeddedBroker
 from worker.bus import Bus, BusConnectError, BusFailedError
 from worker.config import BrokerConfig
-
-
-@pytest.fixture
-def mosquitto():
-    broker = Mosquitto().start()
-    yield broker
-    broker.stop()
 
 
 async def test_paho_runs_on_the_event_loop_with_no_network_thread(mosquitto):

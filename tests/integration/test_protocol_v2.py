@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
-from support import Mosquitto, peer, running_worker, until
+from support import peer, running_worker, until
 
 from worker.client import Client
 from worker.config import BrokerConfig
@@ -26,13 +25,6 @@ class CountingScript:
     def __call__(self, _prompt) -> str:
         self.calls += 1
         return "counted answer"
-
-
-@pytest.fixture
-def mosquitto():
-    broker = Mosquitto().start()
-    yield broker
-    broker.stop()
 
 
 def client_for(port: int, client_id: str = "app-1") -> Client:

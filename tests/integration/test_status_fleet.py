@@ -8,17 +8,9 @@ import signal
 import subprocess
 import sys
 
-import pytest
-from support import ROOT, Mosquitto, peer, running_worker, worker_subprocess
+from support import ROOT, peer, running_worker, worker_subprocess
 
 from worker.reports import StatusReport, TelemetryReport
-
-
-@pytest.fixture
-def mosquitto():
-    broker = Mosquitto().start()
-    yield broker
-    broker.stop()
 
 
 def states(received, worker_id: str) -> list[str]:
