@@ -144,7 +144,9 @@ class Buffered:
                 self._rbuf, self._rpos = b"", 0
                 return buf
         out = buf[pos : pos + n]
-        self._rbuf, self._rpos = buf, pos + len(out)
+        pos += len(out)
+        # once consumed, let the read go (an idle connection holds no buffer)
+        self._rbuf, self._rpos = (buf, pos) if pos < len(buf) else (b"", 0)
         return out
 
     def pending(self) -> int:
