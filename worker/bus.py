@@ -28,8 +28,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from worker.config import BrokerConfig
-from worker.errors import ConfigError
-from worker.message import InboundMessage
+from worker.errors import ConfigError, PublishError
+from worker.message import InboundMessage, is_mqtt_text
 from worker.pahoio import Driver, LoopClient, correlated
 
 log = structlog.get_logger(__name__)
@@ -76,10 +76,12 @@ class Bus:
         *,
         persistent: bool = False,
         receive_maximum: int | None = None,
+        max_packet_bytes: int | None = None,
     ) -> None:
         self._cfg = cfg
         self._persistent = persistent
         self._receive_maximum = receive_maximum
+        self._max_packet_bytes = max_packet_bytes
         self._client_id = client_id
         self._will = will
         self._protocol = protocol or cfg.protocol
@@ -188,13 +190,15 @@ class Bus:
         self._first_connack = asyncio.get_running_loop().create_future()
         self._client, self._driver = client, driver
         props = None
-        if version == "5" and (self._persistent or self._receive_maximum):
+        if version == "5" and (self._persistent or self._receive_maximum or self._max_packet_bytes):
             # (amqtt hangs on CONNECT properties: only the v5 probe, with its short timeout, may meet it)
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             if self._persistent:
                 props.SessionExpiryInterval = self._cfg.session_expiry_s
             if self._receive_maximum:
                 props.ReceiveMaximum = self._receive_maximum
+            if self._max_packet_bytes:  # the broker discards what is larger instead of sending it
+                props.MaximumPacketSize = self._max_packet_bytes
         clean = not self._persistent if version == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY
         client.connect_async(host, port, keepalive=self._cfg.keepalive_s, clean_start=clean, properties=props)
         try:
@@ -295,6 +299,7 @@ class Bus:
                 correlation_data=getattr(props, "CorrelationData", None),
                 expiry_s=getattr(props, "MessageExpiryInterval", None),
                 retain=bool(msg.retain),
+                violation=self._client.violation if self._client is not None else None,
             )
         )
         if self._inbox.qsize() >= self._high and self._driver is not None:
@@ -365,10 +370,19 @@ class Bus:
         correlation_data: bytes | None = None,
         wait: bool = True,
     ) -> None:
-        """Publish; with QoS1 and `wait`, return once the broker has acked it (queued across reconnects)."""
+        """Publish; with QoS1 and `wait`, return once the broker has acked it (queued across reconnects).
+
+        Raises `PublishError`, having sent nothing, for a topic that is not MQTT text (the broker would drop
+        the whole connection, and paho would resend the packet after every reconnect) or one paho refuses.
+        """
         client = self._require()
+        if not is_mqtt_text(topic):
+            raise PublishError(f"topic {topic[:64]!r} is not MQTT 5 text")
         props = correlated(correlation_data) if correlation_data is not None and self.is_v5 else None
-        info = client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        try:
+            info = client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        except (ValueError, UnicodeError) as exc:  # wildcards, an empty or oversize topic, an oversize payload
+            raise PublishError(f"cannot publish to {topic[:64]!r}: {exc}") from None
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             log.error("bus.publish_dropped", topic=topic[:128], reason="outgoing queue full while disconnected")
             return

@@ -116,3 +116,10 @@ class ConfigError(Exception):
 
 class EngineDeadError(Exception):
     """The engine process is gone: every in-flight request fails and the worker exits non-zero."""
+
+
+class PublishError(Exception):
+    """A message could not be published (its topic is not MQTT text, the client refused it): nothing was sent.
+
+    Not a wire code: the replier answers it on the sender's own route, where one exists.
+    """

@@ -25,6 +25,8 @@ from worker.serve import Pipeline, serve
 from worker.sessions import SessionStore
 
 log = structlog.get_logger(__name__)
+MAX_WARNED_FIELDS = 256
+"""Unknown field names remembered (to log each once): a flood of made-up names cannot grow memory."""
 
 
 class Intake:
@@ -174,9 +176,9 @@ class Intake:
     def _warn_once(self, request: Request) -> None:
         """Unknown fields (forward compatibility) and an ignored priority are logged once per worker."""
         new = [f for f in request.unknown_fields if f not in self._warned]
-        if new:
-            self._warned.update(new)
-            log.warning("request.unknown_fields_ignored", fields=new)
+        if new and len(self._warned) < MAX_WARNED_FIELDS:  # names are the sender's: bounded, cut, ASCII
+            self._warned.update(new[: MAX_WARNED_FIELDS - len(self._warned)])
+            log.warning("request.unknown_fields_ignored", fields=[ascii(f[:64]) for f in new[:16]])
         if request.priority and not self._pipeline.priority_scheduling and "priority" not in self._warned:
             self._warned.add("priority")
             log.warning("request.priority_ignored", reason="model.scheduling_policy is fcfs")

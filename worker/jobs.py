@@ -4,9 +4,10 @@ The ack policy (PROTOCOL section 5), here and nowhere else:
 - a message that did not become a job (refused, answered from the dedupe cache, a control command, a
   poison message) is acked at once: it is answered or counted, never redelivered in a loop;
 - without a share group (MQTT 3.1.1, amqtt: no redelivery anyway) a job's message is acked at once too;
-- with a share group a job's message is acked when the job settles with its final reply out, or with a
-  deliberate "no reply" (a classic client's cancel); a job stopped by the drain stays unacked, so the
-  broker hands it to the restarted worker.
+- with a share group a job's message is acked when the job settles, whatever its end (its final reply
+  out, a deliberate "no reply" such as a classic client's cancel, or a failure of ours that left it
+  unanswered: redelivering that would only repeat it); only a job stopped by the drain stays unacked, so
+  the broker hands it to the restarted worker.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Job:
     """Ended on purpose without a final reply (a classic client's cancel): acked, never redelivered."""
     claimed: bool = False
     """It holds its requestId's dedupe claim (to complete or give back when it ends)."""
+    left_for_redelivery: bool = False
+    """Stopped by the drain on purpose, unanswered: its message stays unacked for the restarted worker."""
 
     @property
     def key(self) -> JobKey:
@@ -104,8 +107,10 @@ class JobTable:
             del self._jobs[job.key]
         if not task.cancelled() and (exc := task.exception()) is not None:  # serve catches everything: a bug
             log.error("job.failed", request_id=job.request.request_id, exc_info=exc)
-        if job.message is not None and (job.final is not None or job.finished_silently):
-            self._ack(job.message)  # its final reply is out (a drained-away job stays unacked: redelivered)
+        if job.final is None and not job.finished_silently and not job.left_for_redelivery:
+            log.error("job.unanswered", project=job.request.route.project, request_id=job.request.request_id)
+        if job.message is not None and not job.left_for_redelivery:
+            self._ack(job.message)  # settled: never redelivered in a loop (a drained-away job stays unacked)
         self._release(job.request, job.final)
 
     def _reply_done(self, task: asyncio.Task[None]) -> None:

@@ -32,6 +32,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from worker.packets import screen_publish
+
 TICK_S = 1.0
 READ_CHUNK = 65536
 
@@ -48,6 +50,7 @@ class LoopClient(mqtt.Client):
     """A paho client whose next socket is opened by `Driver.open`, with two per-packet costs removed."""
 
     adopted: Buffered | None = None
+    violation: str | None = None
 
     def _create_socket(self) -> Any:  # noqa: ANN401 - paho 2.x: reconnect() takes its socket from here
         sock, self.adopted = self.adopted, None
@@ -70,6 +73,21 @@ class LoopClient(mqtt.Client):
             if mid in self._out_messages:
                 return self._do_on_publish(mid, reason, _NO_PROPERTIES)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        """Screen a v5 PUBLISH's properties (`packets.screen_publish`) before paho decodes them.
+
+        `violation` holds what the packet broke while paho's `on_message` runs for it (synchronously,
+        inside this call), so the bus can attach it to the message.
+        """
+        if self._protocol == mqtt.MQTTv5:
+            screened = screen_publish(self._in_packet["command"], self._in_packet["packet"])
+            self._in_packet["packet"] = screened.packet
+            self.violation = screened.violation
+        try:
+            return super()._handle_publish()
+        finally:
+            self.violation = None
 
     def _easy_log(self, level: Any, fmt: str, *args: Any) -> None:  # noqa: ANN401
         if level != mqtt.MQTT_LOG_DEBUG:  # paho logs a DEBUG line per packet; keep its warnings and errors
@@ -97,15 +115,23 @@ class _Correlated(Properties):
 
 _CORRELATED: dict[bytes, Properties] = {}
 CORRELATED_CACHE = 1024
+CORRELATED_CACHE_BYTES = 256 * 1024
+_correlated_bytes = 0
 
 
 def correlated(data: bytes) -> Properties:
-    """PUBLISH properties with this correlation data (cached: the same request's chunks share them)."""
+    """PUBLISH properties with this correlation data (cached: the same request's chunks share them).
+
+    Bounded in entries and in bytes (each entry holds its data twice: the key and the packed copy).
+    """
+    global _correlated_bytes  # noqa: PLW0603 - one process-wide cache
     props = _CORRELATED.get(data)
     if props is None:
-        if len(_CORRELATED) >= CORRELATED_CACHE:
+        if len(_CORRELATED) >= CORRELATED_CACHE or _correlated_bytes + 2 * len(data) > CORRELATED_CACHE_BYTES:
             _CORRELATED.clear()
+            _correlated_bytes = 0
         props = _CORRELATED[data] = _Correlated(data)
+        _correlated_bytes += 2 * len(data)
     return props
 
 

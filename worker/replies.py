@@ -9,12 +9,15 @@ message carries the whole text, usage and timing. What a stream shows is compute
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from worker.errors import ErrorCode, WorkerError
+import structlog
+
+from worker.errors import BadRequestError, ErrorCode, PublishError, WorkerError
 from worker.protocol import (
     Dialect,
     FinalReply,
@@ -26,6 +29,8 @@ from worker.protocol import (
     v2_message,
 )
 from worker.protocol.encode import ReasoningFilter
+
+log = structlog.get_logger(__name__)
 
 
 class Publish(Protocol):
@@ -140,7 +145,10 @@ class Stream:
         route = self.route
         payload = v2_message(route, self._seq, done=False, delta=delta)
         # Chunks do not wait for PUBACK (ordering holds per topic); only the final reply does.
-        await self._replier.publish(route.topic, payload, route.correlation_data, wait=False)
+        try:
+            await self._replier.publish(route.topic, payload, route.correlation_data, wait=False)
+        except PublishError as exc:  # the final error then goes to the sender's own topic (`send_final`)
+            raise BadRequestError(UNPUBLISHABLE) from exc
 
     def _final_delta(self, text: str) -> str | None:
         """The final text no chunk carried yet ("" when the stream diverged from it); None when not streaming."""
@@ -183,7 +191,10 @@ class Stream:
         route = self.route
         if self.before_final is not None:
             await self.before_final(FinalReply(route.topic, payload, route.correlation_data), code)
-        return await self._replier.send_final(route, payload)
+        return await self._replier.send_final(route, payload, self._seq)
+
+
+UNPUBLISHABLE = "the reply topic cannot be published to"
 
 
 class Replier:
@@ -200,14 +211,26 @@ class Replier:
         """The message sequence of one request."""
         return Stream(self, request)
 
-    async def send_final(self, route: Route, payload: bytes) -> FinalReply:
-        """Publish a final message and wait for the broker's ack."""
-        await self.publish(route.topic, payload, route.correlation_data, wait=True)
+    async def send_final(self, route: Route, payload: bytes, seq: int = 1) -> FinalReply:
+        """Publish a final message and wait for the broker's ack.
+
+        When the topic the client chose cannot be published to, the final reply becomes a `bad_request`
+        on the sender's own topic (from its validated ids); with no such topic `PublishError` propagates
+        and the message is acked unanswered (the job table counts it).
+        """
+        try:
+            await self.publish(route.topic, payload, route.correlation_data, wait=True)
+        except PublishError as exc:
+            if route.own_topic is None:
+                raise
+            log.warning("reply.unpublishable", project=route.project, request_id=route.request_id, reason=str(exc))
+            own = dataclasses.replace(route, topic=route.own_topic, own_topic=None)
+            return await self.send_final(own, self.error_payload(own, BadRequestError(UNPUBLISHABLE), seq))
         return FinalReply(route.topic, payload, route.correlation_data)
 
     async def fail(self, route: Route, error: WorkerError, seq: int = 1) -> FinalReply:
         """Send a final error."""
-        return await self.send_final(route, self.error_payload(route, error, seq))
+        return await self.send_final(route, self.error_payload(route, error, seq), seq)
 
     def error_payload(self, route: Route, error: WorkerError, seq: int = 1) -> bytes:
         """The final error message in the route's dialect."""

@@ -26,6 +26,7 @@ from worker.errors import (
     EngineError,
     ErrorCode,
     ExpiredError,
+    PublishError,
     RequestCancelledError,
     ShuttingDownError,
     WorkerError,
@@ -107,6 +108,7 @@ async def serve(job: Job, p: Pipeline) -> None:
             job.finished_silently = True
         elif isinstance(reason, ShuttingDownError) and p.hold_for_redelivery:
             p.counters[(request.route.project, "left_for_redelivery")] += 1  # unacked: back after a restart
+            job.left_for_redelivery = True
         else:
             await _fail(job, stream, p, reason)
         raise
@@ -140,7 +142,10 @@ async def _claim(job: Job, p: Pipeline, stream: Stream) -> bool:
             if claimed.final is not None and not waited:
                 p.counters[(request.route.project, "duplicates_resent")] += 1
                 final = claimed.final
-                await p.replier.publish(final.topic, final.payload, final.correlation_data, wait=True)
+                try:
+                    await p.replier.publish(final.topic, final.payload, final.correlation_data, wait=True)
+                except PublishError as exc:  # its topic went bad since (the service's guard): counted, acked
+                    log.warning("request.resend_failed", request_id=request.request_id, reason=str(exc))
                 job.final = final
             else:
                 p.counters[(request.route.project, "duplicates")] += 1

@@ -27,18 +27,24 @@ from worker.bus import Bus, Will
 from worker.config import WorkerConfig, resolve_path
 from worker.control import Control
 from worker.engine.base import Engine
-from worker.errors import ShuttingDownError
+from worker.errors import PublishError, ShuttingDownError
 from worker.intake import Intake
 from worker.jobs import JobTable
 from worker.loops import Loops
+from worker.packets import PACKET_OVERHEAD_BYTES
 from worker.projects import Project
 from worker.protocol import Dialect, Topics
+from worker.protocol.parse import ROUTING_PARSE_LIMIT_BYTES
 from worker.replies import Replier
 from worker.reports import TelemetryReport
 from worker.serve import Pipeline
 from worker.sessions import SessionStore
 from worker.state import State, open_state
 from worker.status import StatusReporter
+
+MAX_PACKET_BYTES = ROUTING_PARSE_LIMIT_BYTES + PACKET_OVERHEAD_BYTES
+"""Announced in CONNECT: an oversize request up to the routing-parse limit still reaches us and is
+answered `too_large`; anything larger the broker discards rather than sends."""
 
 log = structlog.get_logger(__name__)
 
@@ -126,6 +132,7 @@ class Service:
             will=Will(self._status.status_topic, self._status.status_payload("offline")),
             persistent=broker_cfg.url is not None and broker_cfg.session_expiry_s > 0,
             receive_maximum=self._cfg.worker.receive_maximum or 2 * self._cfg.model.max_num_seqs,
+            max_packet_bytes=MAX_PACKET_BYTES,
         )
         self._bus = self._status.bus = await stack.enter_async_context(bus)
         # MQTT 5 + a share group: N workers split each project, and a request is acked only once its
@@ -264,8 +271,8 @@ class Service:
         assert self._bus is not None  # noqa: S101 - replies exist only once the bus is up
         if not self._is_reply_topic(topic):
             self.counters[("?", "blocked_replies")] += 1
-            log.error("reply.blocked", topic=topic[:128], reason="outside the reply namespace")
-            return
+            log.error("reply.blocked", topic=ascii(topic[:128]), reason="outside the reply namespace")
+            raise PublishError("the reply topic is outside the reply namespace")
         await self._bus.publish(topic, payload, qos=1, correlation_data=correlation, wait=wait)
 
     def _is_reply_topic(self, topic: str) -> bool:

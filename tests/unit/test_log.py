@@ -19,3 +19,40 @@ def test_redaction_runs_in_the_configured_pipeline(capsys):
     err = capsys.readouterr().err
     assert "bus.connecting" in err
     assert "hunter2-secret" not in err
+
+
+def test_tracebacks_are_limited_per_event_and_window_then_one_line():
+    from worker.log import TracebackLimiter
+
+    now = [0.0]
+    limiter = TracebackLimiter(per_window=3, window_s=60, clock=lambda: now[0])
+    outs = []
+    for i in range(10):
+        try:
+            raise ValueError(f"boom {i}" + "x" * 500)
+        except ValueError as exc:
+            outs.append(limiter(None, "error", {"event": "request.failed", "exc_info": exc}))
+    assert [("exc_info" in o) for o in outs] == [True] * 3 + [False] * 7
+    assert outs[-1]["traceback_suppressed"] == 7
+    assert outs[-1]["error"].startswith("ValueError: boom 9")
+    assert len(outs[-1]["error"]) <= 200
+    other = limiter(None, "error", {"event": "other.failed", "exc_info": ValueError("x")})
+    assert "exc_info" in other  # each event has its own budget
+    now[0] = 61.0
+    assert "exc_info" in limiter(None, "error", {"event": "request.failed", "exc_info": ValueError("y")})
+
+
+def test_the_configured_pipeline_limits_tracebacks(capsys):
+    from worker.config import LogConfig
+    from worker.log import setup
+
+    setup(LogConfig(level="info"))
+    log = structlog.get_logger("t")
+    for _ in range(20):
+        try:
+            raise RuntimeError("a bug of ours")
+        except RuntimeError:
+            log.exception("request.poison")
+    err = capsys.readouterr().err
+    assert err.count("Traceback (most recent call last)") <= 5
+    assert err.count("] request.poison") == 20  # every event still logs its one line

@@ -17,9 +17,9 @@ from worker.pahoio import CORRELATED_CACHE, Buffered, LoopClient, correlated
 
 def test_the_paho_internals_we_override_or_read_still_exist():
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    for hook in ("_create_socket", "_handle_pubackcomp", "_easy_log", "_do_on_publish"):
+    for hook in ("_create_socket", "_handle_pubackcomp", "_handle_publish", "_easy_log", "_do_on_publish"):
         assert callable(getattr(mqtt.Client, hook, None)), hook
-    for attr in ("_in_packet", "_out_messages", "_out_message_mutex"):
+    for attr in ("_in_packet", "_out_messages", "_out_message_mutex", "_protocol"):
         assert hasattr(client, attr), attr
 
 
@@ -68,6 +68,9 @@ def test_correlated_properties_pack_like_pahos_and_are_cached_within_bounds():
         correlated(str(i).encode())
 
     assert len(pahoio._CORRELATED) <= CORRELATED_CACHE
+    for i in range(20):
+        correlated(bytes([i]) * 60_000)
+    assert sum(2 * len(k) for k in pahoio._CORRELATED) <= pahoio.CORRELATED_CACHE_BYTES
 
 
 def test_a_plain_puback_resolves_its_publish_without_pahos_decoder():

@@ -50,6 +50,9 @@ class Route:
     client_id: str | None = None
     request_id: str | None = None
     correlation_data: bytes | None = None
+    own_topic: str | None = None
+    """The sender's own reply topic (from its validated ids) when `topic` is one it chose (`replyTopic`,
+    Response Topic): where an error goes if the chosen topic cannot be published to."""
 
     @property
     def owner(self) -> str:

@@ -91,10 +91,9 @@ class _Parser:
         version_error = self._route_from(body, project_name, topic_session)
         if size > self.max_bytes:
             raise self.fail(TooLargeError(f"payload is {size} bytes, limit {self.max_bytes}"))
-        if version_error is not None:
-            raise self.fail(version_error)
-        if decoded.violation is not None:
-            raise self.fail(BadRequestError(decoded.violation))
+        error = version_error or _violation(self.msg, decoded.violation)
+        if error is not None:
+            raise self.fail(error)
         return self._request(body, project)
 
     def _route_from(self, body: dict[str, Any], project: str, topic_session: str | None) -> BadRequestError | None:
@@ -140,18 +139,21 @@ class _Parser:
     def _custom_topic(self, reply_topic: object, project: str, v5_topic: str | None) -> None:
         """A client-chosen reply topic: only under the request's own reply prefix (the worker's ACL)."""
         assert self.route is not None  # noqa: S101 - set by _route_from
+        own = self.route.topic
         if v5_topic is not None:
             prefix = self.topics.reply_prefix(project, Dialect.V2)
             if not is_reply_topic(v5_topic, prefix):
                 raise self.fail(BadRequestError(f"Response Topic must be a plain topic under {prefix}"))
-            self.route = dataclasses.replace(self.route, topic=v5_topic)
+            self.route = dataclasses.replace(self.route, topic=v5_topic, own_topic=own)
         if reply_topic is None:
             return
         prefix = self.topics.reply_prefix(project, self.route.dialect)
         if not is_reply_topic(reply_topic, prefix):
-            raise self.fail(BadRequestError(f"replyTopic must be a plain topic under {prefix} without + or #"))
+            raise self.fail(
+                BadRequestError(f"replyTopic must be a plain topic under {prefix}: no + or #, valid MQTT text")
+            )
         if v5_topic is None:
-            self.route = dataclasses.replace(self.route, topic=str(reply_topic))
+            self.route = dataclasses.replace(self.route, topic=str(reply_topic), own_topic=own)
 
     def _request(self, body: dict[str, Any], project: Project) -> Request:
         assert self.route is not None  # noqa: S101 - set by _route_from
@@ -261,6 +263,13 @@ class _Parser:
         return canonical
 
 
+def _violation(msg: InboundMessage, payload_violation: str | None) -> WorkerError | None:
+    """The first bound broken by the packet (its MQTT properties) or by the payload, as the error to answer."""
+    if msg.violation is not None:
+        return TooLargeError(msg.violation)
+    return BadRequestError(payload_violation) if payload_violation is not None else None
+
+
 def _opt_str(body: dict[str, Any], key: str, p: _Parser) -> str | None:
     value = body.get(key)
     if value is not None and not isinstance(value, str):
@@ -305,6 +314,8 @@ def parse(msg: InboundMessage, projects: dict[str, Project], topics: Topics, max
 
 
 def _control_body(msg: InboundMessage) -> dict[str, Any]:
+    if msg.violation is not None:
+        raise BadRequestError(msg.violation)
     decoded = decode(msg.payload)
     if decoded is None or decoded.body is None:
         raise BadRequestError("control payload must be a JSON object")

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from worker.message import SURROGATES
+
 MAX_DEPTH = 32
 """Nesting of objects/arrays in one payload (the request itself is level 1)."""
 MAX_INT_DIGITS = 40
@@ -80,24 +82,33 @@ def decode(payload: bytes) -> Decoded | None:
         return Decoded(text, None)
     if not isinstance(value, dict):
         return Decoded(text, None)
-    depth = depth_of(value)
+    depth, surrogate = scan(value)
+    if surrogate:
+        violations.insert(0, "a string holds a lone surrogate (an unpaired \\ud800-\\udfff escape): not Unicode text")
     if depth > MAX_DEPTH:
         violations.insert(0, f"JSON nested {depth} levels deep (limit {MAX_DEPTH})")
     return Decoded(text, value, violations[0] if violations else None)
 
 
-def depth_of(value: object) -> int:
-    """Nesting depth of containers (a scalar is 0), computed without recursion."""
-    deepest = 0
+def scan(value: object) -> tuple[int, bool]:
+    """(nesting depth of containers, whether any key or string holds a lone surrogate), without recursion.
+
+    `json` turns an escaped lone surrogate (a U+DC80 escape) into a `str` that cannot be encoded: it would raise
+    later, wherever the text is encoded (engine, Redis, a topic), so it is refused here, at parse time.
+    """
+    deepest, surrogate = 0, False
     stack: list[tuple[object, int]] = [(value, 1)]
     while stack:
         node, level = stack.pop()
+        if isinstance(node, str):
+            surrogate = surrogate or SURROGATES.search(node) is not None
+            continue
         if isinstance(node, dict):
-            children: Any = node.values()
+            children: Any = [*node, *node.values()]
         elif isinstance(node, list):
             children = node
         else:
             continue
         deepest = max(deepest, level)
         stack.extend((child, level + 1) for child in children)
-    return deepest
+    return deepest, surrogate

@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
+from worker.message import is_mqtt_text
+
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 DEFAULT_SESSION = "default"
 MAX_TOPIC_CHARS = 512
@@ -82,14 +84,14 @@ def is_valid_id(value: object) -> bool:
 
 
 def is_safe_topic(topic: object) -> bool:
-    """A publishable, non-system topic: no wildcards, no NUL, not `$...`, bounded length."""
+    """A publishable, non-system topic: valid MQTT 5 text, no wildcards, not `$...`, bounded length."""
     return (
         isinstance(topic, str)
         and 0 < len(topic) <= MAX_TOPIC_CHARS
         and not topic.startswith("$")
         and "+" not in topic
         and "#" not in topic
-        and "\x00" not in topic
+        and is_mqtt_text(topic)
     )
 
 
