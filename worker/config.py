@@ -170,7 +170,9 @@ class WorkerSection(_Section):
     dedupe_window_s: float = Field(600.0, ge=0)
     """A requestId seen within this window is not generated again (its final reply is re-sent)."""
     dedupe_max_entries: int = Field(10_000, gt=0)
-    """Bound on remembered requestIds (oldest forgotten first): memory stays bounded."""
+    """Bound on cached final replies (oldest forgotten first; on Redis per project, fleet-wide)."""
+    dedupe_max_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    """Bound on their bytes (key + topic + payload + correlation data; on Redis as stored, per project)."""
     share_group: str = Field("vllm-worker", pattern=r"^[A-Za-z0-9_.-]*$")
     """MQTT 5 shared-subscription group: workers of a group split each project ("" = every worker gets all)."""
     receive_maximum: int | None = Field(None, gt=0)

@@ -16,6 +16,7 @@ def open_state(cfg: WorkerConfig) -> State:
         idle_ttl_s=cfg.sessions.idle_ttl_s,
         dedupe_window_s=cfg.worker.dedupe_window_s,
         dedupe_max_entries=cfg.worker.dedupe_max_entries,
+        dedupe_max_bytes=cfg.worker.dedupe_max_bytes,
     )
     url = cfg.state.url.get_secret_value()
     if url == "memory":

@@ -1,15 +1,19 @@
 """`MemoryState`: the state layer in this process's memory (the default; single box, zero setup).
 
-Sessions are LRU-capped (`max_sessions`) and forgotten after `idle_ttl_s`; requestIds are remembered for
-`dedupe_window_s` (at most `dedupe_max_entries`); token buckets are LRU-capped. Everything is lost when
-the process ends: a fleet or a restart that must keep conversations uses `redis://` (see `state/redis.py`).
-A holder cannot die without this memory dying with it, so locks and claims need no lease here.
+Sessions are LRU-capped (`max_sessions`) and forgotten after `idle_ttl_s`; answered requestIds are
+remembered for `dedupe_window_s`, at most `dedupe_max_entries` of them holding at most `dedupe_max_bytes`
+(a cached reply carries the client's correlation data, so a count alone would not bound memory); token
+buckets are LRU-capped. A request still running holds a claim that no bound evicts (admission bounds how
+many run). Everything is lost when the process ends: a fleet or a restart that must keep conversations
+uses `redis://` (see `state/redis_backend.py`). A holder cannot die without this memory dying with it, so
+locks and claims need no lease here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import time
 from collections import OrderedDict
@@ -34,12 +38,22 @@ class MemoryLimits:
     idle_ttl_s: float = 3600.0
     dedupe_window_s: float = 600.0
     dedupe_max_entries: int = 10_000
+    dedupe_max_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(slots=True)
 class _Session:
     history: History = field(default_factory=History)
     last_used: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    """An answered requestId: when it was answered, its final reply, and the bytes that costs."""
+
+    stamp: float
+    final: FinalReply
+    size: int
 
 
 @dataclass(slots=True)
@@ -58,9 +72,9 @@ class MemoryState:
         self._clock = clock
         self._sessions: OrderedDict[SessionKey, _Session] = OrderedDict()
         self._locks: dict[SessionKey, _TurnLock] = {}
-        # requestId -> (time claimed or answered, final reply once sent); oldest first
-        self._seen: OrderedDict[DedupeKey, tuple[float, FinalReply | None]] = OrderedDict()
-        self._running: set[DedupeKey] = set()
+        self._running: set[DedupeKey] = set()  # claimed, not yet answered: never evicted
+        self._done: OrderedDict[DedupeKey, _Cached] = OrderedDict()  # answered, oldest first
+        self._done_bytes = 0
         self._buckets: OrderedDict[tuple[str, str], tuple[float, float]] = OrderedDict()
 
     async def __aenter__(self) -> Self:
@@ -88,11 +102,11 @@ class MemoryState:
             trim((*old.turns, turn), max_tokens),
             system_prompt if system_prompt is not None else old.system_prompt,
         )
-        while len(self._sessions) > self._limits.max_sessions:
-            oldest = next(iter(self._sessions))
-            if oldest in self._locks:  # never evict a session mid-turn; the cap is soft then
-                break
-            del self._sessions[oldest]
+        excess = len(self._sessions) - self._limits.max_sessions
+        if excess > 0:  # least recent first, never a session mid-turn (the cap is soft by those only)
+            idle = (k for k in self._sessions if k not in self._locks)
+            for oldest in list(itertools.islice(idle, excess)):
+                del self._sessions[oldest]
 
     async def reset(self, key: SessionKey) -> bool:
         """See `State.reset`."""
@@ -117,51 +131,65 @@ class MemoryState:
 
     def _expire(self, now: float) -> None:
         cutoff = now - self._limits.idle_ttl_s
-        while self._sessions:
-            key, session = next(iter(self._sessions.items()))
-            if session.last_used >= cutoff or key in self._locks:
-                return
+        expired = []
+        for key, session in self._sessions.items():  # least recent first
+            if session.last_used >= cutoff:
+                break
+            if key not in self._locks:  # a session mid-turn stays, and does not shelter newer ones
+                expired.append(key)
+        for key in expired:
             del self._sessions[key]
 
     # ---- dedupe ----------------------------------------------------------------------------------------
     async def claim(self, key: DedupeKey) -> Claimed:
         """See `State.claim`."""
-        now = self._clock()
-        self._forget_old(now)
+        self._forget_old(self._clock())
         if key in self._running:
             return Claimed(Claim.IN_FLIGHT)
-        seen = self._seen.get(key)
-        if seen is not None and seen[1] is not None:
-            return Claimed(Claim.DONE, seen[1])
+        cached = self._done.get(key)
+        if cached is not None:
+            return Claimed(Claim.DONE, cached.final)
         self._running.add(key)
-        self._seen[key] = (now, None)
-        self._seen.move_to_end(key)
         return Claimed(Claim.NEW)
 
     async def complete(self, key: DedupeKey, final: FinalReply) -> None:
-        """See `State.complete`."""
+        """See `State.complete`: cached as the newest entry; the oldest go while a bound is exceeded.
+
+        A reply larger than the whole byte bound is not cached (its retry is generated again).
+        """
+        now = self._clock()
         self._running.discard(key)
-        stamp = self._seen[key][0] if key in self._seen else self._clock()
-        self._seen[key] = (stamp, final)  # in place: the window runs from the claim
+        self._drop(key)
+        cached = _Cached(now, final, cached_bytes(key, final))
+        if cached.size > self._limits.dedupe_max_bytes:  # would push out every other entry, then itself
+            return
+        self._done[key] = cached
+        self._done_bytes += cached.size
+        self._forget_old(now)
 
     async def abandon(self, key: DedupeKey) -> None:
         """See `State.abandon`."""
-        if key in self._running:
-            self._running.discard(key)
-            self._seen.pop(key, None)
+        self._running.discard(key)
+
+    def dedupe_usage(self) -> tuple[int, int]:
+        """(entries, bytes) of cached final replies, recounted (for tests and telemetry; O(entries))."""
+        return len(self._done), sum(c.size for c in self._done.values())
 
     def _forget_old(self, now: float) -> None:
+        """Forget answered requestIds past the window, then the oldest while over a bound."""
         cutoff = now - self._limits.dedupe_window_s
-        while self._seen:
-            key, (stamp, _) = next(iter(self._seen.items()))
-            if stamp >= cutoff and len(self._seen) <= self._limits.dedupe_max_entries:
+        limits = self._limits
+        while self._done:
+            key, cached = next(iter(self._done.items()))
+            within = len(self._done) <= limits.dedupe_max_entries and self._done_bytes <= limits.dedupe_max_bytes
+            if cached.stamp >= cutoff and within:
                 return
-            if key in self._running:  # never forget a running one (the cap is soft while it runs)
-                self._seen.move_to_end(key)
-                if len(self._seen) <= len(self._running):
-                    return
-                continue
-            del self._seen[key]
+            self._drop(key)
+
+    def _drop(self, key: DedupeKey) -> None:
+        cached = self._done.pop(key, None)
+        if cached is not None:
+            self._done_bytes -= cached.size
 
     # ---- rate limits -----------------------------------------------------------------------------------
     async def take(self, budgets: Sequence[Budget]) -> None:
@@ -204,3 +232,9 @@ def trim(turns: Sequence[Turn], max_tokens: int) -> tuple[Turn, ...]:
             break
         kept.append(turn)
     return tuple(reversed(kept))
+
+
+def cached_bytes(key: DedupeKey, final: FinalReply) -> int:
+    """What `dedupe_max_bytes` counts for one cached reply: its key, topic, payload and correlation data."""
+    key_bytes = sum(len(part.encode()) for part in key)
+    return key_bytes + len(final.topic.encode()) + len(final.payload) + len(final.correlation_data or b"")

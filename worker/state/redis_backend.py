@@ -3,7 +3,8 @@
 Sessions (turn list + system prompt), requestId claims and token buckets live under
 `{key_prefix}/{topic_prefix}{project}/...`, every key with a TTL. Each read-check-write is one Lua script
 (`state/scripts.py`). Session locks and claims are leases this worker renews from `monitor`; a worker
-that dies stops renewing and its leases lapse after `lease_s`.
+that dies stops renewing and its leases lapse after `lease_s`. `max_sessions`, `dedupe_max_entries` and
+`dedupe_max_bytes` hold per project for the whole fleet, through indexes under `{project}/idx/`.
 
 Redis unreachable (the documented degraded mode, PROTOCOL section 5): calls fail fast (no connect per
 request) and `monitor` probes with backoff until it answers again. Meanwhile stateful turns are refused
@@ -123,8 +124,16 @@ class RedisState:
 
     # ---- sessions --------------------------------------------------------------------------------------
     def _session(self, key: SessionKey, kind: str) -> str:
+        return f"{self._session_base(key)}/{kind}"
+
+    def _session_base(self, key: SessionKey) -> str:
+        """The session's key prefix, and its member in the project's session index."""
         project, owner, session_id = key
-        return f"{self._ns}{project}/s/{owner}/{session_id}/{kind}"
+        return f"{self._ns}{project}/s/{owner}/{session_id}"
+
+    def _index(self, project: str, kind: str) -> str:
+        """A project's bound-keeping index: `sessions`, `replies`, `reply-sizes`, `reply-bytes`."""
+        return f"{self._ns}{project}/idx/{kind}"
 
     async def load(self, key: SessionKey) -> History:
         """See `State.load`; an unreadable item (not ours) is skipped and logged."""
@@ -149,15 +158,20 @@ class RedisState:
             "1" if system_prompt is not None else "0",
             system_prompt or "",
             MAX_TURNS,
+            self._session_base(key),
+            self._limits.max_sessions,
         ]
-        keys = [self._session(key, "t"), self._session(key, "p")]
+        keys = [self._session(key, "t"), self._session(key, "p"), self._index(key[0], "sessions")]
         await self._call(lambda: self._append(keys=keys, args=args))
 
     async def reset(self, key: SessionKey) -> bool:
-        """See `State.reset`."""
+        """See `State.reset`: the session and its index entry, in one transaction (one round trip)."""
         assert self._r is not None  # noqa: S101
-        r = self._r
-        return bool(await self._call(lambda: r.delete(self._session(key, "t"), self._session(key, "p"))))
+        pipe = self._r.pipeline(transaction=True)
+        pipe.delete(self._session(key, "t"), self._session(key, "p"))
+        pipe.zrem(self._index(key[0], "sessions"), self._session_base(key))
+        deleted, _ = await self._call(pipe.execute)
+        return bool(deleted)
 
     @contextlib.asynccontextmanager
     async def lock(self, key: SessionKey) -> AsyncIterator[None]:
@@ -224,8 +238,12 @@ class RedisState:
         rkey = self._request(key)
         self._leases.pop(rkey, None)
         window_ms = max(1, round(self._limits.dedupe_window_s * 1000))
+        project = key[0]
+        keys = [rkey, *(self._index(project, kind) for kind in ("replies", "reply-sizes", "reply-bytes"))]
+        bounds = (self._limits.dedupe_max_entries, self._limits.dedupe_max_bytes)
+        args: list[str | int] = [token, _encode_final(final), window_ms, *bounds]
         with contextlib.suppress(StateUnavailableError):  # the claim lapses; a retry is generated again
-            await self._call(lambda: self._complete(keys=[rkey], args=[token, _encode_final(final), window_ms]))
+            await self._call(lambda: self._complete(keys=keys, args=args))
 
     async def abandon(self, key: DedupeKey) -> None:
         """See `State.abandon`."""

@@ -3,6 +3,11 @@
 Why scripts: N workers race for the same session, requestId and bucket; a script is one atomic step, so
 no check can be overtaken by another worker between reading and writing. Time comes from the server's
 `TIME` (one clock for the whole fleet). Every key a script writes gets a TTL.
+
+Bounds (`max_sessions`, `dedupe_max_entries`, `dedupe_max_bytes`) hold per project for the whole fleet:
+each project has a sorted-set index (sessions by last use, answered requestIds by answer time), trimmed
+oldest first inside the script that adds to it, so a bound costs no extra round trip and no worker can
+see it exceeded. Only answered requestIds enter the index: a running claim is never evicted.
 """
 
 from __future__ import annotations
@@ -82,9 +87,21 @@ end
 return lost
 """
 
-# Turns are list items "<tokens>\\n<json>"; history is trimmed by tokens (newest kept), as in memory.
-APPEND = """
--- KEYS[1] turns, KEYS[2] system prompt; ARGV item, max_tokens, ttl_ms, has_prompt, prompt, max_turns
+_NOW_MS = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# Turns are list items "<tokens>\\n<json>"; history is trimmed by tokens (newest kept), as in memory. The
+# session then becomes the newest in its project's index; the least recently used beyond max_sessions are
+# deleted, except one whose lock queue exists (its turn is running: the cap is soft then, as in memory).
+APPEND = (
+    _NOW_MS
+    + """
+-- KEYS[1] turns, KEYS[2] system prompt, KEYS[3] the project's session index (session key -> last use ms)
+-- ARGV item, max_tokens, ttl_ms, has_prompt, prompt, max_turns, session key, max_sessions
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[6]), -1)
 local items = redis.call('LRANGE', KEYS[1], 0, -1)
@@ -105,8 +122,24 @@ if ARGV[4] == '1' then
 elseif redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
+local idx, now = KEYS[3], now_ms()
+redis.call('ZREMRANGEBYSCORE', idx, '-inf', now - tonumber(ARGV[3]))  -- idle past their TTL: gone already
+redis.call('ZADD', idx, now, ARGV[7])
+local skipped = 0
+while redis.call('ZCARD', idx) - skipped > tonumber(ARGV[8]) do
+  local s = redis.call('ZRANGE', idx, skipped, skipped)[1]
+  if not s then break end
+  if redis.call('EXISTS', s .. '/q') == 1 then
+    skipped = skipped + 1
+  else
+    redis.call('DEL', s .. '/t', s .. '/p')
+    redis.call('ZREM', idx, s)
+  end
+end
+redis.call('PEXPIRE', idx, ARGV[3])
 return keep
 """
+)
 
 # A requestId key holds "c:<token>" while claimed (leased) and "d:<final reply>" once answered.
 CLAIM = """
@@ -120,13 +153,52 @@ if string.sub(v, 1, 2) == 'd:' then return {'done', string.sub(v, 3)} end
 return {'in_flight'}
 """
 
-COMPLETE = """
--- KEYS[1] request key; ARGV token, final, window_ms -> 1 cached, 0 another worker holds it now
+# An answer enters its project's index (request key -> answer ms) with its size (a hash, and their
+# total); then the oldest answered entries go while over max_entries or max_bytes (an answer larger than
+# max_bytes alone is not cached). A key is deleted only if it still holds an answer ("d:"), so even a
+# stale index entry can never remove a running claim.
+COMPLETE = (
+    _NOW_MS
+    + """
+-- KEYS[1] request key, KEYS[2] index (zset), KEYS[3] sizes (hash: request key -> bytes), KEYS[4] their total
+-- ARGV token, final, window_ms, max_entries, max_bytes -> 1 cached, 0 another worker holds it now
 local v = redis.call('GET', KEYS[1])
 if v and v ~= 'c:' .. ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], 'd:' .. ARGV[2], 'PX', ARGV[3])
+local value, window = 'd:' .. ARGV[2], tonumber(ARGV[3])
+local size = string.len(KEYS[1]) + string.len(value)
+local idx, sizes, now = KEYS[2], KEYS[3], now_ms()
+local total = tonumber(redis.call('GET', KEYS[4])) or 0
+local function forget(m)
+  total = total - (tonumber(redis.call('HGET', sizes, m)) or 0)
+  redis.call('HDEL', sizes, m)
+  redis.call('ZREM', idx, m)
+end
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', idx, '-inf', now - window, 'LIMIT', 0, 1000)) do
+  forget(m)  -- past the window: the key itself expired already
+end
+forget(KEYS[1])  -- answered again after it lapsed: counted once
+if size > tonumber(ARGV[5]) then
+  redis.call('DEL', KEYS[1])  -- larger than the whole bound: not cached (it would push out every other)
+else
+  redis.call('SET', KEYS[1], value, 'PX', window)
+  redis.call('ZADD', idx, now, KEYS[1])
+  redis.call('HSET', sizes, KEYS[1], size)
+  total = total + size
+end
+while total > tonumber(ARGV[5]) or redis.call('ZCARD', idx) > tonumber(ARGV[4]) do
+  local oldest = redis.call('ZRANGE', idx, 0, 0)[1]
+  if not oldest then break end
+  forget(oldest)
+  local held = redis.call('GET', oldest)
+  if held and string.sub(held, 1, 2) == 'd:' then redis.call('DEL', oldest) end
+end
+if redis.call('ZCARD', idx) == 0 or total < 0 then total = 0 end
+redis.call('SET', KEYS[4], total, 'PX', window)
+redis.call('PEXPIRE', idx, window)
+redis.call('PEXPIRE', sizes, window)
 return 1
 """
+)
 
 ABANDON = """
 -- KEYS[1] request key; ARGV token
