@@ -3,13 +3,19 @@
 `FleetState` folds status/telemetry messages (validated with the same models the workers publish),
 `render` draws the live rich table, `snapshot` gives the JSON for `--once --json`, and
 `PrometheusCollector` exposes the fleet with vLLM's metric names plus a `worker` label.
+
+Anyone who can publish on the broker can write here, so every message is hostile until validated and the
+view is bounded in workers and in bytes: the most recently seen are kept, a worker that stops reporting
+turns stale whatever it last published, and one silent for `PRUNE_AFTER_STALE` times longer is forgotten.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from pydantic import ValidationError
@@ -19,6 +25,14 @@ from rich.text import Text
 from worker.reports import StatusReport, TelemetryReport
 
 MAX_WORKERS = 1024
+MAX_ID_CHARS = 256
+"""Worker ids read from topics (the protocol's own ids are at most 128 characters)."""
+MAX_REPORT_BYTES = 64 * 1024
+"""One status or telemetry payload, refused unparsed above this (a real one is about 1 KiB)."""
+MAX_STORED_BYTES = 8 * 2**20
+"""Payload bytes kept for the whole fleet; the least recently seen workers go first."""
+PRUNE_AFTER_STALE = 10
+"""A worker silent for this many `stale_after_s` is forgotten, so made-up ids do not pile up."""
 
 STATE_STYLE = {
     "ready": "green",
@@ -37,11 +51,18 @@ class WorkerView:
     status: StatusReport | None = None
     telemetry: TelemetryReport | None = None
     last_seen: float = 0.0
+    status_bytes: int = 0
+    telemetry_bytes: int = 0
+
+    @property
+    def stored_bytes(self) -> int:
+        """Payload bytes this view holds (what the fleet's byte bound counts)."""
+        return len(self.worker) + self.status_bytes + self.telemetry_bytes
 
     def state(self, now: float, stale_after_s: float) -> str:
-        """Reported state, or `stale` when a live-looking worker has gone silent."""
+        """Reported state; `stale` once silent for `stale_after_s`, whatever it claimed (offline stays offline)."""
         state = self.status.state if self.status else "unknown"
-        if state != "offline" and self.telemetry is not None and now - self.last_seen > stale_after_s:
+        if state != "offline" and now - self.last_seen > stale_after_s:
             return "stale"
         return state
 
@@ -54,6 +75,10 @@ class FleetState:
     stale_after_s: float = 30.0
     clock: Callable[[], float] = time.time
     workers: dict[str, WorkerView] = field(default_factory=dict)
+    """Least recently seen first (every accepted message moves its worker to the end): eviction order."""
+    stored_bytes: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    """Messages dropped, by reason (`id`, `size`, `invalid`)."""
 
     @property
     def filters(self) -> list[str]:
@@ -61,27 +86,68 @@ class FleetState:
         return [f"{self.topic_prefix}vllm-worker/+/status", f"{self.topic_prefix}vllm-worker/+/telemetry"]
 
     def handle(self, topic: str, payload: bytes) -> bool:
-        """Fold one message in; False when it is not a (valid) fleet message."""
+        """Fold one message in; False when it is not a (valid) fleet message. Never raises.
+
+        An empty payload on a status topic (a cleared retained status) forgets the worker.
+        """
         parts = topic.removeprefix(self.topic_prefix).split("/")
         if len(parts) != 3 or parts[0] != "vllm-worker" or parts[2] not in ("status", "telemetry"):  # noqa: PLR2004
             return False
+        worker, kind = parts[1], parts[2]
+        if not (0 < len(worker) <= MAX_ID_CHARS and worker.isprintable()):
+            return self._refuse("id")
+        if not payload and kind == "status":
+            self.forget(worker)
+            return True
+        if len(payload) > MAX_REPORT_BYTES:
+            return self._refuse("size")
         try:
             report: StatusReport | TelemetryReport = (
                 StatusReport.model_validate_json(payload)
-                if parts[2] == "status"
+                if kind == "status"
                 else TelemetryReport.model_validate_json(payload)
             )
         except ValidationError:
-            return False
-        if parts[1] not in self.workers and len(self.workers) >= MAX_WORKERS:
-            return False  # a flood of made-up worker ids must not grow the view without bound
-        view = self.workers.setdefault(parts[1], WorkerView(parts[1]))
-        if isinstance(report, StatusReport):
-            view.status = report
+            return self._refuse("invalid")
+        view = self.workers.pop(worker, None)
+        if view is None:
+            view = WorkerView(worker)
         else:
-            view.telemetry = report
+            self.stored_bytes -= view.stored_bytes
+        if isinstance(report, StatusReport):
+            view.status, view.status_bytes = report, len(payload)
+        else:
+            view.telemetry, view.telemetry_bytes = report, len(payload)
         view.last_seen = self.clock()
+        self.workers[worker] = view  # now the most recently seen
+        self.stored_bytes += view.stored_bytes
+        self.prune()
         return True
+
+    def forget(self, worker: str) -> None:
+        """Drop one worker."""
+        if (view := self.workers.pop(worker, None)) is not None:
+            self.stored_bytes -= view.stored_bytes
+
+    def prune(self) -> None:
+        """Forget the least recently seen while over `MAX_WORKERS` or `MAX_STORED_BYTES`, and the long silent."""
+        horizon = self.clock() - PRUNE_AFTER_STALE * self.stale_after_s
+        while self.workers:
+            oldest = next(iter(self.workers.values()))
+            crowded = len(self.workers) > MAX_WORKERS or self.stored_bytes > MAX_STORED_BYTES
+            if not crowded and oldest.last_seen >= horizon:
+                return
+            self.forget(oldest.worker)
+
+    def recent(self, limit: int = MAX_WORKERS) -> list[WorkerView]:
+        """The `limit` most recently seen workers, most recent first (after pruning)."""
+        self.prune()
+        return list(islice(reversed(self.workers.values()), limit))
+
+    def views(self) -> list[WorkerView]:
+        """Every worker known now, by name (after pruning)."""
+        self.prune()
+        return sorted(self.workers.values(), key=lambda v: v.worker)
 
     def snapshot(self) -> list[dict[str, Any]]:
         """JSON-ready list, one object per worker (for scripts)."""
@@ -94,8 +160,12 @@ class FleetState:
                 "status": v.status.model_dump(by_alias=True) if v.status else None,
                 "telemetry": v.telemetry.model_dump(by_alias=True) if v.telemetry else None,
             }
-            for v in sorted(self.workers.values(), key=lambda v: v.worker)
+            for v in self.views()
         ]
+
+    def _refuse(self, reason: str) -> bool:
+        self.refused[reason] += 1
+        return False
 
 
 def _bar(used: int, total: int, width: int = 10) -> Text:
@@ -107,9 +177,16 @@ def _bar(used: int, total: int, width: int = 10) -> Text:
     return Text("█" * filled, style=style) + Text("░" * (width - filled)) + Text(f" {used // 1024}/{total // 1024}G")
 
 
+def _text(value: str, limit: int = 64) -> Text:
+    """A broker string as a cell: never markup, no control characters (terminal escapes), clipped."""
+    clean = "".join(c if c.isprintable() else "?" for c in value[: limit + 1])
+    return Text(clean if len(clean) <= limit else clean[: limit - 1] + "…")
+
+
 def render(fleet: FleetState) -> Table:
     """The live table."""
-    table = Table(title=f"vllm-worker fleet ({len(fleet.workers)} workers)", expand=False)
+    views = fleet.views()
+    table = Table(title=f"vllm-worker fleet ({len(views)} workers)", expand=False)
     for col in (
         "worker",
         "state",
@@ -126,7 +203,7 @@ def render(fleet: FleetState) -> Table:
     ):
         table.add_column(col, no_wrap=col in ("worker", "GPU mem"))
     now = fleet.clock()
-    for view in sorted(fleet.workers.values(), key=lambda v: v.worker):
+    for view in views:
         state = view.state(now, fleet.stale_after_s)
         status, tele = view.status, view.telemetry
         eng = tele.engine if tele else None
@@ -134,11 +211,11 @@ def render(fleet: FleetState) -> Table:
         if tele is not None and tele.gpus:
             gpu = _bar(sum(g.mem_used_mib for g in tele.gpus), sum(g.mem_total_mib for g in tele.gpus))
         table.add_row(
-            view.worker,
+            _text(view.worker, limit=128),
             Text(state, style=STATE_STYLE.get(state, "")),
-            (status.model if status else tele.model if tele else "-"),
-            (tele.quantization if tele else status.quantization if status else "-"),
-            ", ".join(status.projects) if status else "-",
+            _text(status.model if status else tele.model if tele else "-"),
+            _text(tele.quantization if tele else status.quantization if status else "-"),
+            _text(", ".join(status.projects[:8]) if status else "-"),
             gpu,
             f"{eng.kv_cache_usage:.0%}" if eng else "-",
             f"{eng.running}/{eng.waiting}" if eng else "-",
@@ -155,9 +232,10 @@ def _store(tele: TelemetryReport | None) -> Text:
     if tele is None or tele.state is None:
         return Text("-")
     st = tele.state
+    backend = _text(st.backend, limit=16).plain
     if not st.healthy:
-        return Text(f"{st.backend} DOWN", style="bold red")
-    return Text(st.backend + (f" {st.latency_ms:.1f} ms" if st.latency_ms is not None else ""))
+        return Text(f"{backend} DOWN", style="bold red")
+    return Text(backend + (f" {st.latency_ms:.1f} ms" if st.latency_ms is not None else ""))
 
 
 class PrometheusCollector:
@@ -191,7 +269,8 @@ class PrometheusCollector:
             ),
             "vllm_worker:process_rss_bytes": ("Worker process-tree RSS", lambda t: t.process.rss_mib * 2**20),
         }
-        views = [v for v in self._fleet.workers.values() if v.telemetry is not None]
+        known = self._fleet.views()
+        views = [v for v in known if v.telemetry is not None]
         for name, (doc, read) in gauges.items():
             family = GaugeMetricFamily(name, doc, labels=["worker", "model_name"])
             for v in views:
@@ -202,7 +281,7 @@ class PrometheusCollector:
         mem = GaugeMetricFamily("vllm_worker:gpu_memory_used_bytes", "GPU memory used", labels=["worker", "gpu"])
         total = CounterMetricFamily("vllm_worker:requests", "Requests accepted", labels=["worker", "project"])
         now = self._fleet.clock()
-        for v in self._fleet.workers.values():
+        for v in known:
             state = v.state(now, self._fleet.stale_after_s)
             up.add_metric([v.worker, state], 1.0 if state == "ready" else 0.0)
             for g in v.telemetry.gpus if v.telemetry else []:

@@ -1,16 +1,34 @@
 """Status and telemetry messages (PROTOCOL section 6) as pydantic models.
 
 The worker that publishes them and `vllm-worker fleet` that reads them share these, so they cannot drift.
+Every field is bounded: what `fleet` and the console read comes from anyone who can publish on the broker.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 State = Literal["starting", "ready", "draining", "offline"]
+
+# Field size limits, generous for real workers (ids and project names <= 128 chars, a model is a directory
+# name or a configured name) and small enough that a hostile report cannot hold megabytes.
+ID_CHARS = 256
+NAME_CHARS = 1024
+WORD_CHARS = 64
+MAX_ENTRIES = 256
+MAX_GPUS = 64
+MAX_INT = 2**53
+Id = Annotated[str, Field(max_length=ID_CHARS)]
+"""Worker ids and project names (a hostname is at most 253 characters)."""
+Name = Annotated[str, Field(max_length=NAME_CHARS)]
+"""Models, adapters, GPU names, device lists."""
+Word = Annotated[str, Field(max_length=WORD_CHARS)]
+"""Quantization methods, versions, timestamps, backend names."""
+Int = Annotated[int, Field(ge=-MAX_INT, le=MAX_INT)]
+"""Counters and sizes: exact in JavaScript too, and never a 4,000-digit number."""
 
 
 class _Wire(BaseModel):
@@ -26,74 +44,77 @@ class _Wire(BaseModel):
 class ParallelReport(_Wire):
     """How the model is split: vLLM's tensor/pipeline parallel sizes, executor backend and the GPUs used."""
 
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    backend: str = "mp"
-    visible_devices: str | None = None
+    tensor_parallel_size: Int = 1
+    pipeline_parallel_size: Int = 1
+    backend: Word = "mp"
+    visible_devices: Name | None = None
 
 
 class StatusReport(_Wire):
     """`vllm-worker/{workerId}/status`, retained; also the Last Will (state offline)."""
 
     state: State
-    worker: str
-    projects: list[str]
-    model: str
-    quantization: str
-    version: str
-    since: str
+    worker: Id
+    projects: list[Id] = Field(max_length=MAX_ENTRIES)
+    model: Name
+    quantization: Word
+    version: Word
+    since: Word
     parallel: ParallelReport | None = None
     """Absent from workers older than the parallel settings."""
-    adapters: dict[str, str] = Field(default_factory=dict)
+    adapters: dict[Id, Name] = Field(default_factory=dict, max_length=MAX_ENTRIES)
     """project -> the LoRA adapter its requests run with (projects without one are absent)."""
 
 
 class GpuReport(_Wire):
     """One GPU as NVML sees it."""
 
-    index: int
-    name: str
-    mem_used_mib: int
-    mem_total_mib: int
-    util_pct: int
-    process_mem_mib: int
+    index: Int
+    name: Name
+    mem_used_mib: Int
+    mem_total_mib: Int
+    util_pct: Int
+    process_mem_mib: Int
 
 
 class EngineReport(_Wire):
     """Engine load and speed (vLLM stat-logger aggregates)."""
 
-    running: int = 0
-    waiting: int = 0
+    running: Int = 0
+    waiting: Int = 0
     kv_cache_usage: float = 0.0
     prefix_cache_hit_rate: float = 0.0
     prompt_tok_per_s: float = 0.0
     gen_tok_per_s: float = 0.0
     ttft_ms_p50: float = 0.0
     tpot_ms_p50: float = 0.0
-    preemptions: int = 0
+    preemptions: Int = 0
 
 
 class ProjectReport(_Wire):
     """Per-project counters since start."""
 
-    requests: int = 0
-    errors: int = 0
-    rejected: int = 0
-    sessions: int | None = 0
+    requests: Int = 0
+    errors: Int = 0
+    rejected: Int = 0
+    sessions: Int | None = 0
     """Sessions this worker holds; null when they live in Redis (shared by the fleet)."""
 
 
 class ProcessReport(_Wire):
     """The worker's process tree (the engine core is a child process)."""
 
-    rss_mib: int
-    uptime_s: int
+    rss_mib: Int
+    uptime_s: Int
+    unacked: Int = 0
+    """Inbound QoS1 messages taken from the broker and not acknowledged yet: requests in flight (share
+    group) or waiting for the intake; it returns to 0 when the worker is idle, else a message is stuck."""
 
 
 class StateReport(_Wire):
     """Where sessions, dedupe and rate limits live, and whether that backend answers."""
 
-    backend: str
+    backend: Word
     healthy: bool
     latency_ms: float | None = None
     degraded: bool = False
@@ -103,15 +124,15 @@ class StateReport(_Wire):
 class TelemetryReport(_Wire):
     """`vllm-worker/{workerId}/telemetry`, every telemetry_interval_s, QoS 0."""
 
-    ts: str
-    worker: str
-    model: str
-    quantization: str
-    gpus: list[GpuReport] = Field(default_factory=list)
+    ts: Word
+    worker: Id
+    model: Name
+    quantization: Word
+    gpus: list[GpuReport] = Field(default_factory=list, max_length=MAX_GPUS)
     engine: EngineReport = Field(default_factory=EngineReport)
-    projects: dict[str, ProjectReport] = Field(default_factory=dict)
+    projects: dict[Id, ProjectReport] = Field(default_factory=dict, max_length=MAX_ENTRIES)
     process: ProcessReport
     state: StateReport | None = None
     """Absent from workers older than the state layer."""
-    adapters: dict[str, str] = Field(default_factory=dict)
+    adapters: dict[Id, Name] = Field(default_factory=dict, max_length=MAX_ENTRIES)
     """project -> LoRA adapter loaded for it."""

@@ -7,15 +7,20 @@ Who may use it: bound to loopback, anyone on this machine (like `vllm-worker ask
 with the token (`?token=` once, then an HttpOnly SameSite=Strict cookie). Always: the Host header must be
 one we serve (DNS rebinding), and a POST must be JSON from our own origin (CSRF). The broker's password
 stays in this process.
+
+Event streams share bytes: each sample is encoded once (see `samples`) and queued by reference to every
+stream; a stream whose client does not keep up (`STREAM_QUEUE` samples behind) is cut off, never buffered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,7 +37,18 @@ STATIC = Path(__file__).parent / "static"
 COOKIE = "vw_console"
 MAX_BODY_BYTES = 64 * 1024
 MAX_MESSAGE_CHARS = 32_000
+MAX_PROJECTS = 256
+STREAM_QUEUE = 10
+"""Samples a stream may fall behind (its client not reading) before it is cut off."""
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(eq=False)
+class Stream:
+    """One open fleet event stream: the samples it has yet to send (shared bytes, never copies)."""
+
+    transport: asyncio.Transport
+    queue: asyncio.Queue[bytes] = field(default_factory=lambda: asyncio.Queue(STREAM_QUEUE))
 
 
 class ConsoleApp:
@@ -43,7 +59,8 @@ class ConsoleApp:
         self._samples = samples
         self._token = token
         self._hosts = hosts  # None: any Host (bound to a public address, the token guards it)
-        self._tick = asyncio.Condition()
+        self.streams: set[Stream] = set()
+        self.streams_cut = 0
         self.app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY_BYTES)
         self.app.add_routes(
             [
@@ -57,14 +74,35 @@ class ConsoleApp:
                 web.static("/static", STATIC, append_version=False),
             ]
         )
+        self.app.on_shutdown.append(self._cut_streams)
 
     async def run_sampler(self) -> None:
-        """Take a fleet sample every SAMPLE_S and wake every open event stream."""
+        """Take a fleet sample every SAMPLE_S and hand it to every open event stream."""
         while True:
-            self._samples.take()
-            async with self._tick:
-                self._tick.notify_all()
+            self.tick()
             await asyncio.sleep(SAMPLE_S)
+
+    def tick(self) -> None:
+        """One sample, encoded once, queued to every stream; a stream with a full queue is cut off."""
+        event = b"event: sample\ndata: " + self._samples.take() + b"\n\n"
+        for stream in list(self.streams):
+            try:
+                stream.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                self.streams_cut += 1
+                self._cut(stream)
+
+    async def _cut_streams(self, _app: web.Application) -> None:
+        """On shutdown: open streams never end by themselves, so the server would wait out its timeout."""
+        for stream in list(self.streams):
+            self._cut(stream)
+
+    def _cut(self, stream: Stream) -> None:
+        """Close a stream now: its buffer is freed, and its handler's pending write or wait ends."""
+        self.streams.discard(stream)
+        stream.transport.abort()
+        with contextlib.suppress(asyncio.QueueFull):  # full: the handler is in a write, which now fails
+            stream.queue.put_nowait(b"")
 
     # ---- guard -----------------------------------------------------------------------------------------
     @web.middleware
@@ -93,18 +131,31 @@ class ConsoleApp:
         return page
 
     async def _projects(self, _request: web.Request) -> web.StreamResponse:
-        return web.json_response({"projects": self._samples.projects(), "clientId": self._client.client_id})
+        projects = [p for p in self._samples.projects() if is_valid_id(p)][:MAX_PROJECTS]
+        return web.json_response({"projects": projects, "clientId": self._client.client_id})
 
     async def _fleet_events(self, request: web.Request) -> web.StreamResponse:
-        """Server-Sent Events: the last 15 minutes at once, then one sample a second."""
+        """Server-Sent Events: the last 15 minutes at once, then one sample a second.
+
+        Written a sample at a time (each write waits for the socket to drain), so a stream buffers at most
+        about one sample plus the transport's high-water mark, and the history is never copied whole.
+        """
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        await response.write(_event("history", {"samples": list(self._samples.history)}))
-        while True:
-            async with self._tick:
-                await self._tick.wait()
-            if self._samples.history:
-                await response.write(_event("sample", self._samples.history[-1]))
+        if request.transport is None:  # the client left before the headers went out
+            return response
+        stream = Stream(request.transport)
+        self.streams.add(stream)
+        try:
+            for piece in _history_event(list(self._samples.history)):
+                await response.write(piece)
+            while event := await stream.queue.get():  # empty: cut off
+                await response.write(event)
+        except ConnectionError:  # the client left, or `tick` cut it off
+            pass
+        finally:
+            self.streams.discard(stream)
+        return response
 
     # ---- playground ------------------------------------------------------------------------------------
     async def _ask(self, request: web.Request) -> web.StreamResponse:
@@ -157,6 +208,14 @@ def _ids(body: dict[str, Any], *names: str) -> list[str] | None:
     """The named fields when every one is a protocol id (topic-safe), else None."""
     values = [body.get(name) for name in names]
     return [str(v) for v in values] if all(is_valid_id(v) for v in values) else None
+
+
+def _history_event(samples: list[bytes]) -> Iterator[bytes]:
+    """The `history` event in pieces of at most one sample, from the samples' own bytes."""
+    yield b'event: history\ndata: {"samples":['
+    for i, sample in enumerate(samples):
+        yield b"," + sample if i else sample
+    yield b"]}\n\n"
 
 
 def _event(name: str, data: object) -> bytes:
