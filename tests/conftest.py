@@ -23,3 +23,13 @@ def mosquitto() -> Iterator[Mosquitto]:
     broker = Mosquitto().start()
     yield broker
     broker.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long fuzz run only when asked for by marker (`pytest -m fuzz`): `make test` runs its short profile."""
+    if "fuzz" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="the long fuzz run: pytest -m fuzz")
+    for item in items:
+        if "fuzz" in item.keywords:
+            item.add_marker(skip)

@@ -6,6 +6,7 @@ plain socket (CONNECT, PUBLISH with any properties, PUBACK read back).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 from dataclasses import dataclass
@@ -74,18 +75,24 @@ def publish(topic: bytes, payload: bytes, props: bytes = b"", qos: int = 1, mid:
     return packet(PUBLISH | (qos << 1), publish_body(topic, payload, props, qos, mid))
 
 
-def connect(client_id: bytes, keepalive_s: int = 60) -> bytes:
-    body = prefixed(b"MQTT") + bytes([5, 0x02]) + struct.pack("!H", keepalive_s) + varint(0) + prefixed(client_id)
+def connect(client_id: bytes, keepalive_s: int = 60, username: bytes | None = None, password: bytes = b"") -> bytes:
+    flags = 0x02 | (0xC0 if username is not None else 0)  # clean start, user name and password
+    body = prefixed(b"MQTT") + bytes([5, flags]) + struct.pack("!H", keepalive_s) + varint(0) + prefixed(client_id)
+    if username is not None:
+        body += prefixed(username) + prefixed(password)
     return packet(CONNECT, body)
 
 
 class RawClient:
     """One MQTT v5 connection over a plain socket (clean start, no session)."""
 
-    def __init__(self, port: int, client_id: str, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, port: int, client_id: str, timeout_s: float = 10.0, username: str | None = None, password: str = ""
+    ) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(connect(client_id.encode()))
+        user = username.encode() if username is not None else None
+        self.sock.sendall(connect(client_id.encode(), username=user, password=password.encode()))
         kind, body = self.read()
         if kind != CONNACK or body[1] != 0:
             raise ConnectionError(f"CONNACK refused: {body!r}")
@@ -118,11 +125,9 @@ class RawClient:
         while True:
             kind, body = self.read()
             if kind == PUBACK and struct.unpack("!H", body[:2])[0] == self._mid:
-                return body[2] if len(body) > 2 else 0  # noqa: PLR2004 - reason code after the packet id
+                return body[2] if len(body) > 2 else 0
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.sendall(packet(DISCONNECT, b"\x00"))
-        except OSError:
-            pass
         self.sock.close()

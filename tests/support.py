@@ -239,9 +239,9 @@ class Mosquitto(LocalServer):
 
 @contextlib.contextmanager
 def worker_subprocess(
-    broker_url: str, worker_id: str, projects: list[str], **env: str
+    broker_url: str, worker_id: str, projects: list[str], log_path: Path | None = None, **env: str
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A fake-engine worker process on `broker_url`; killed (with its children) on exit."""
+    """A fake-engine worker process on `broker_url` (its log to `log_path`); killed (with its children) on exit."""
     cmd = [
         sys.executable,
         "-m",
@@ -255,15 +255,17 @@ def worker_subprocess(
         "--projects",
         *projects,
     ]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    sink = log_path.open("wb") if log_path is not None else None
+    out = sink or subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=out)
     try:
         yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+        if sink is not None:
+            sink.close()
 
 
 class DeployedMosquitto:

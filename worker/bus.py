@@ -92,6 +92,7 @@ class Bus:
         self._subacks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
         self._subscriptions: dict[str, int] = {}
         self._pending: dict[int, asyncio.Future[None]] = {}
+        self._unacked: set[int] = set()
         self._client: LoopClient | None = None
         self._driver: Driver | None = None
         self._keeper: asyncio.Task[None] | None = None
@@ -281,13 +282,16 @@ class Bus:
         if client is not self._client:
             return
         if self._connected.is_set():
-            log.warning("bus.disconnected", reason=str(code))
+            log.warning("bus.disconnected", reason=str(code), client_id=self._client_id)
         self._connected.clear()
+        self._unacked.clear()  # the broker redelivers them (persistent session) or forgets them
         if not self._closing and self._keeper is not None:  # (a refused first attempt is _connect's to handle)
             self._lost.set()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:  # noqa: ANN401
         props = getattr(msg, "properties", None)
+        if msg.qos > 0:
+            self._unacked.add(msg.mid)
         self._inbox.put_nowait(
             InboundMessage(
                 topic=msg.topic,
@@ -406,6 +410,12 @@ class Bus:
 
     def ack(self, msg: InboundMessage) -> None:
         """PUBACK a QoS1 message (manual ack: we decide when it counts as taken)."""
-        if msg.qos > 0 and self._client is not None:
+        if msg.qos > 0 and self._client is not None and msg.mid in self._unacked:
+            self._unacked.discard(msg.mid)
             with contextlib.suppress(ValueError):
                 self._client.ack(msg.mid, msg.qos)
+
+    @property
+    def unacked(self) -> int:
+        """QoS1 messages received on this connection and not acked yet (telemetry: 0 when idle)."""
+        return len(self._unacked)

@@ -100,6 +100,7 @@ class StatusReporter:
         pids = await asyncio.to_thread(process_tree_pids)
         gpus = await asyncio.to_thread(self.gpus.collect, pids, _indices(self._cfg.model.visible_devices))
         process = await asyncio.to_thread(collect_process, self.started)
+        process = process.model_copy(update={"unacked": self.bus.unacked if self.bus is not None else 0})
         projects = {
             name: ProjectReport(
                 requests=self._counters[(name, "requests")],

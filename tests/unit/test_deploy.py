@@ -89,3 +89,10 @@ def test_the_shipped_mosquitto_config_starts():
         broker.start()  # raises if Mosquitto rejected the shipped config and exited before listening
     finally:
         broker.stop()
+
+
+def test_the_shipped_broker_refuses_packets_over_what_the_worker_announces():
+    from worker.service import MAX_PACKET_BYTES
+
+    conf = (ROOT / "deploy" / "mosquitto.conf").read_text()
+    assert f"\nmax_packet_size {MAX_PACKET_BYTES}\n" in conf

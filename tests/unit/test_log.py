@@ -28,10 +28,8 @@ def test_tracebacks_are_limited_per_event_and_window_then_one_line():
     limiter = TracebackLimiter(per_window=3, window_s=60, clock=lambda: now[0])
     outs = []
     for i in range(10):
-        try:
-            raise ValueError(f"boom {i}" + "x" * 500)
-        except ValueError as exc:
-            outs.append(limiter(None, "error", {"event": "request.failed", "exc_info": exc}))
+        exc = ValueError(f"boom {i}" + "x" * 500)
+        outs.append(limiter(None, "error", {"event": "request.failed", "exc_info": exc}))
     assert [("exc_info" in o) for o in outs] == [True] * 3 + [False] * 7
     assert outs[-1]["traceback_suppressed"] == 7
     assert outs[-1]["error"].startswith("ValueError: boom 9")
@@ -48,9 +46,13 @@ def test_the_configured_pipeline_limits_tracebacks(capsys):
 
     setup(LogConfig(level="info"))
     log = structlog.get_logger("t")
+
+    def bug() -> None:
+        raise RuntimeError("a bug of ours")
+
     for _ in range(20):
         try:
-            raise RuntimeError("a bug of ours")
+            bug()
         except RuntimeError:
             log.exception("request.poison")
     err = capsys.readouterr().err

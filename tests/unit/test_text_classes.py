@@ -22,7 +22,7 @@ from worker.protocol import Dialect, Rejected, Topics, is_safe_topic, parse
 TOPICS = Topics()
 MAX = 256 * 1024
 FORBIDDEN = [
-    *map(chr, range(0x00, 0x20)),
+    *map(chr, range(0x20)),
     *map(chr, range(0x7F, 0xA0)),
     *map(chr, range(0xFDD0, 0xFDF0)),
     *(chr(plane << 16 | low) for plane in range(17) for low in (0xFFFE, 0xFFFF)),
