@@ -81,7 +81,30 @@ def encode_json(body: dict[str, Any]) -> bytes:
     return json.dumps(body, ensure_ascii=True).encode()
 
 
-payloads = st.one_of(
+valid_id = st.from_regex(r"[A-Za-z0-9_.:-]{1,12}", fullmatch=True)
+reply_topics = st.builds(
+    lambda p, t: p + t, st.sampled_from(["maze/response/", "maze/assistant_response/"]), hostile_text
+)
+
+
+def _request(rid: str, reply: str | None, fields: dict[str, Any], v2: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"v": 2} if v2 else {}
+    body |= {"clientId": "mallory", "requestId": rid, "message": "hi"}
+    if reply is not None:
+        body["replyTopic"] = reply
+    return body | fields
+
+
+# A request valid but for a hostile reply topic and/or up to two fields: what reaches routing and publishing.
+mutated = st.builds(
+    _request,
+    st.one_of(valid_id, valid_id, valid_id, hostile_text),
+    st.one_of(st.none(), reply_topics, reply_topics),
+    st.dictionaries(st.sampled_from(KNOWN), st.one_of(json_values, hostile_text), max_size=2),
+    st.booleans(),
+)
+mutated_payload = mutated.map(lambda b: ("mutated", encode_json(b)))
+other_payloads = st.one_of(
     bodies.map(lambda b: ("json", encode_json({"v": 2, **b}))),
     bodies.map(lambda b: ("json-classic", encode_json(b))),
     st.binary(max_size=300).map(lambda b: ("bytes", b)),
@@ -90,10 +113,12 @@ payloads = st.one_of(
         lambda n: ("oversize", b'{"v":2,"clientId":"mallory","message":"' + b"a" * n + b'"}')
     ),
 )
+payloads = st.integers(0, 9).flatmap(lambda i: mutated_payload if i < 6 else other_payloads)
 
 
 def _utf8(text: str) -> bytes:
-    return text.encode("utf-8", "surrogatepass")  # lone surrogates become invalid UTF-8 on the wire
+    """Lone surrogates become invalid UTF-8 on the wire; cut to what a two-byte length can carry."""
+    return text.encode("utf-8", "surrogatepass")[:65000]
 
 
 # Mostly text the broker forwards (so the packet reaches the worker), sometimes text it refuses.
@@ -117,11 +142,13 @@ properties = st.one_of(
         st.integers(60, 5000),
     ),
 )
-topics = st.one_of(
-    st.sampled_from(["maze/user_input", "driving/user_input", "maze/cancel", "maze/session/reset"]).map(
-        lambda t: ("allowed", t.encode())
-    ),
+allowed_topics = st.sampled_from(["maze/user_input", "maze/user_input", "driving/user_input", "maze/cancel"])
+rare_topics = st.one_of(
     wire_text.map(lambda t: ("session-in-topic", _utf8(f"maze/user_input/{t}"))),
+    st.just(("reset", b"maze/session/reset")),
+)
+topics = st.integers(0, 9).flatmap(  # mostly topics the ACL lets through, so the payload reaches the worker
+    lambda i: allowed_topics.map(lambda t: ("allowed", t.encode())) if i < 8 else rare_topics
 )
 
 
@@ -135,6 +162,8 @@ class Watcher:
     topics: list[str]
     messages: list[tuple[int, str, bytes]] = field(default_factory=list)
     seq: int = 0
+    states: list[str] = field(default_factory=list)
+    """Every status state received, in order (rare: kept whole)."""
     changed: threading.Condition = field(default_factory=threading.Condition)
 
     def __post_init__(self) -> None:
@@ -151,6 +180,8 @@ class Watcher:
             self.seq += 1
             self.messages.append((self.seq, msg.topic, bytes(msg.payload)))
             del self.messages[:-2000]  # bounded
+            if msg.topic.endswith("/status"):
+                self.states.append(str(_json(msg.payload).get("state")))
             self.changed.notify_all()
 
     def wait_for(self, predicate: Any, timeout_s: float, after: int = 0) -> Any:
@@ -222,11 +253,12 @@ class Fleet:
         self.sentinel_s.append(time.monotonic() - started)
         assert answered.get("text", "").endswith(f"ping {rid}"), answered
         mark = self.fleet.seq
-        status_topic, telemetry_topic = f"vllm-worker/{WORKER}/status", f"vllm-worker/{WORKER}/telemetry"
+        telemetry_topic = f"vllm-worker/{WORKER}/telemetry"
         with self.fleet.changed:
-            states = [_json(p).get("state") for _, t, p in self.fleet.messages if t == status_topic]
+            states = list(self.fleet.states)
         assert states, "no retained status"
         assert states[-1] == "ready", states[-1]
+        assert "offline" not in states, "the worker was dropped by the broker (its Last Will fired)"
 
         def idle(got: list[tuple[str, bytes]]) -> dict[str, Any] | None:
             reports = [_json(p) for t, p in got if t == telemetry_topic]
