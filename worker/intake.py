@@ -176,9 +176,9 @@ class Intake:
     def _warn_once(self, request: Request) -> None:
         """Unknown fields (forward compatibility) and an ignored priority are logged once per worker."""
         new = [f for f in request.unknown_fields if f not in self._warned]
-        if new and len(self._warned) < MAX_WARNED_FIELDS:  # names are the sender's: bounded, cut, ASCII
+        if new and len(self._warned) < MAX_WARNED_FIELDS:  # names are the sender's: bounded in number and length
             self._warned.update(new[: MAX_WARNED_FIELDS - len(self._warned)])
-            log.warning("request.unknown_fields_ignored", fields=[ascii(f[:64]) for f in new[:16]])
+            log.warning("request.unknown_fields_ignored", fields=[f[:64] for f in new[:16]])
         if request.priority and not self._pipeline.priority_scheduling and "priority" not in self._warned:
             self._warned.add("priority")
             log.warning("request.priority_ignored", reason="model.scheduling_policy is fcfs")

@@ -188,6 +188,7 @@ class Service:
                 adapters_dir=resolve_path(self._cfg.model.adapters_dir),
                 model_config=model_config,
                 max_lora_rank=self._cfg.model.max_lora_rank,
+                lora_enabled=self._lora_enabled,
                 publish=lambda body: bus.publish(f"{self._control_topic}/reply", body, qos=1),
                 changed=lambda: self._status.publish_status("draining" if self._admission.draining else "ready"),
             ),
@@ -252,6 +253,12 @@ class Service:
             self._say("engine died: exiting with status 1")
         self.exit_code = 1
         self._stop.set()
+
+    @property
+    def _lora_enabled(self) -> bool:
+        """Whether the engine serves adapters: `model.enable_lora`, else when a project names one (as `cli`)."""
+        enabled = self._cfg.model.enable_lora
+        return enabled if enabled is not None else any(p.adapter for p in self._projects.values())
 
     @property
     def projects(self) -> list[str]:

@@ -1,6 +1,14 @@
+import pytest
 import structlog
 
 from worker.log import REDACTED, redact
+
+
+@pytest.fixture(autouse=True)
+def _restore_structlog():
+    """`setup` points structlog at capsys' stream, closed after the test: later tests must not write there."""
+    yield
+    structlog.reset_defaults()
 
 
 def test_secret_keys_are_redacted_and_others_kept():
