@@ -131,9 +131,14 @@ def serve(argv: Sequence[str]) -> int:
             cfg = cfg.for_model(args.model_index, args.gpu_memory_utilization)
         projects = load_projects(cfg.worker.topics_dir, cfg.worker.projects)
         if args.engine == "fake":
-            from worker.engine.fake import FakeEngine  # noqa: PLC0415
+            from worker.engine.fake import SCRIPTS, FakeEngine  # noqa: PLC0415
 
-            engine: Any = FakeEngine(token_delay_s=float(os.environ.get("VLLM_WORKER_FAKE_TOKEN_DELAY_S", "0")))
+            script = os.environ.get("VLLM_WORKER_FAKE_SCRIPT", "echo")  # history: the chaos run's oracle
+            engine: Any = FakeEngine(
+                SCRIPTS.get(script, SCRIPTS["echo"]),
+                token_delay_s=float(os.environ.get("VLLM_WORKER_FAKE_TOKEN_DELAY_S", "0")),
+                log_generations=script == "history",
+            )
         else:
             from worker.engine.vllm import VllmEngine  # noqa: PLC0415
 

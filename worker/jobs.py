@@ -44,6 +44,8 @@ class Job:
     """Ended on purpose without a final reply (a classic client's cancel): acked, never redelivered."""
     claimed: bool = False
     """It holds its requestId's dedupe claim (to complete or give back when it ends)."""
+    awaiting_claim: bool = False
+    """It waits for another copy's claim on its requestId: it answers nothing unless it takes the claim over."""
     left_for_redelivery: bool = False
     """Stopped by the drain on purpose, unanswered: its message stays unacked for the restarted worker."""
 

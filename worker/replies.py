@@ -41,7 +41,7 @@ class Publish(Protocol):
         ...
 
 
-BeforeFinal = Callable[[FinalReply, ErrorCode | None], Awaitable[None]]
+BeforeFinal = Callable[[FinalReply, ErrorCode | None], Awaitable[bool]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +117,8 @@ class Stream:
         self._last_flush = time.monotonic()
         self.before_final: BeforeFinal | None = None
         """Awaited with the final reply (and its error code, if any) just before it is published: `serve`
-        caches it for the requestId first, so a copy arriving right after the reply finds it cached."""
+        caches it for the requestId first, so a copy arriving right after the reply finds it cached. False:
+        another worker holds or answered the requestId since, and this final reply must not go out."""
 
     @property
     def raw_text(self) -> str:
@@ -157,8 +158,11 @@ class Stream:
         sent = "".join(self._sent)
         return text[len(sent) :] if text.startswith(sent) else ""
 
-    async def finish(self, outcome: Outcome) -> FinalReply:
-        """Send the final answer; for a stream, its `delta` is the text no chunk carried yet."""
+    async def finish(self, outcome: Outcome) -> FinalReply | None:
+        """Send the final answer; for a stream, its `delta` is the text no chunk carried yet.
+
+        None when it did not go out: another worker answers the requestId (see `before_final`).
+        """
         route = self.route
         self._seq += 1
         if route.dialect is Dialect.CLASSIC:
@@ -182,15 +186,16 @@ class Stream:
             )
         return await self._send_final(payload, None)
 
-    async def fail(self, error: WorkerError) -> FinalReply:
-        """Send the final error (continuing this request's seq)."""
+    async def fail(self, error: WorkerError) -> FinalReply | None:
+        """Send the final error (continuing this request's seq); None as for `finish`."""
         self._seq += 1
         return await self._send_final(self._replier.error_payload(self.route, error, self._seq), error.code)
 
-    async def _send_final(self, payload: bytes, code: ErrorCode | None) -> FinalReply:
+    async def _send_final(self, payload: bytes, code: ErrorCode | None) -> FinalReply | None:
         route = self.route
-        if self.before_final is not None:
-            await self.before_final(FinalReply(route.topic, payload, route.correlation_data), code)
+        final = FinalReply(route.topic, payload, route.correlation_data)
+        if self.before_final is not None and not await self.before_final(final, code):
+            return None
         return await self._replier.send_final(route, payload, self._seq)
 
 

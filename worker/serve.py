@@ -11,6 +11,7 @@ another worker answered); cancellation is always re-raised.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections import Counter
@@ -34,8 +35,9 @@ from worker.errors import (
 from worker.jobs import Job
 from worker.protocol import Dialect, FinalReply, Request, visible_text
 from worker.replies import Outcome, Replier, Stream
-from worker.sessions import SessionStore
+from worker.sessions import Recorded, SessionStore
 from worker.state import Budget, Claim, State
+from worker.state.base import Fence
 
 TRANSIENT = {
     ErrorCode.RATE_LIMITED,
@@ -77,15 +79,10 @@ async def serve(job: Job, p: Pipeline) -> None:
     stream = p.replier.stream(request)
     log.debug("request.accepted", project=request.route.project, request_id=request.request_id, text=request.message)
     try:
-        async with asyncio.timeout(_remaining_s(request)):
-            if not await _claim(job, p, stream):
-                return
-            await p.state.take(p.budgets(request))
-            async with p.sessions.turn(request):
-                prompt = await p.sessions.build_prompt(request)
-                outcome = await _generate(p, request, prompt, stream)
-                await p.sessions.record(request, outcome.text)
-        job.final = await stream.finish(outcome)
+        outcome = await _answer(job, p, stream)
+        if outcome is None:
+            return
+        _sent(job, p, await stream.finish(outcome))
         log.info(
             "request.done",
             project=request.route.project,
@@ -103,7 +100,10 @@ async def serve(job: Job, p: Pipeline) -> None:
         await _fail(job, stream, p, EngineError("the engine stopped"))
     except asyncio.CancelledError:
         reason = job.cancel_reason or ShuttingDownError()
-        if isinstance(reason, RequestCancelledError) and request.route.dialect is Dialect.CLASSIC:
+        if job.awaiting_claim and not await _take_over(job, p, stream):
+            p.counters[(request.route.project, "duplicates")] += 1  # the holder answers (it got the cancel too)
+            job.finished_silently = True
+        elif isinstance(reason, RequestCancelledError) and request.route.dialect is Dialect.CLASSIC:
             p.counters[(request.route.project, "cancelled")] += 1  # classic: nothing further (PROTOCOL 4)
             job.finished_silently = True
         elif isinstance(reason, ShuttingDownError) and p.hold_for_redelivery:
@@ -120,24 +120,84 @@ async def serve(job: Job, p: Pipeline) -> None:
         await _settle_claim(job, p)
 
 
+async def _answer(job: Job, p: Pipeline, stream: Stream) -> Outcome | None:
+    """Claim, budgets, the session's turn, prompt, engine, record; None when another copy answers.
+
+    The deadline covers everything up to the end of generation. Recording does not run under it (nor under
+    a cancel): an answer generated is then answered exactly as it was recorded, or failed as certainly not
+    recorded, never "failed" while its write may still land.
+    """
+    request = job.request
+    async with contextlib.AsyncExitStack() as stack:
+        async with asyncio.timeout(_remaining_s(request)):
+            if not await _claim(job, p, stream):
+                return None
+            await p.state.take(p.budgets(request))
+            fence = await stack.enter_async_context(p.sessions.turn(request))
+            prepared = await p.sessions.build_prompt(request)
+            if isinstance(prepared, Recorded):  # recorded by an earlier copy whose reply or cache entry was lost
+                p.counters[(request.route.project, "answered_from_history")] += 1
+                return _recorded(request, prepared.text)
+            outcome = await _generate(p, request, prepared, stream)
+        await _record(p, request, outcome.text, fence)
+    return outcome
+
+
+async def _record(p: Pipeline, request: Request, text: str, fence: Fence) -> None:
+    """Record the turn to its end, whatever happens to this task meanwhile (see `_answer`).
+
+    A cancel or the drain arriving now is too late to matter: it is taken back, and the turn is answered
+    as recorded, or failed as not recorded (`StateUnavailableError`).
+    """
+    task = asyncio.ensure_future(p.sessions.record(request, text, fence))  # supervised: awaited to its end here
+    while True:
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            continue
+        return
+
+
+def _recorded(request: Request, text: str) -> Outcome:
+    """The outcome of a turn answered from the session's history (nothing generated, no tokens spent)."""
+    now_ms = round((time.monotonic() - request.received_at) * 1000)
+    return Outcome(text, "stop", 0, 0, 0, now_ms, now_ms, now_ms)
+
+
+def _sent(job: Job, p: Pipeline, final: FinalReply | None) -> None:
+    """Note the final reply that went out; None: another worker holds or answered the requestId since."""
+    job.final = final
+    if final is None:
+        p.counters[(job.request.route.project, "superseded")] += 1
+        log.warning("request.superseded", request_id=job.request.request_id, reason="claim lapsed and was taken")
+        job.finished_silently = True
+
+
 async def _claim(job: Job, p: Pipeline, stream: Stream) -> bool:
     """Claim a client-supplied requestId fleet-wide; False when this copy must not be generated.
 
     Answered before: the cached final reply goes out again. Held by a live worker (its lease renewed):
     wait; when that one answers, this copy ends silently (its one final reply is out); when its lease
-    lapses (the holder died), this copy claims it and runs, so a crash never loses the request.
+    lapses (the holder died), this copy claims it and runs, so a crash never loses the request. A copy
+    cancelled while it waits answers nothing, unless it can take the claim over (`_take_over`).
     """
     request = job.request
     if not request.client_supplied_id:
         return True
     delay, waited = 0.05, False
+    job.awaiting_claim = True
     while True:
         claimed = await p.state.claim(request.dedupe_key)
         if claimed.verdict is Claim.NEW:
-            job.claimed = True
-            stream.before_final = lambda final, code: _settle_claim(job, p, final, code)
+            _hold(job, p, stream)
             return True
         if claimed.verdict is Claim.DONE:
+            job.awaiting_claim = False
             log.info("request.duplicate", request_id=request.request_id, state="done", waited=waited)
             if claimed.final is not None and not waited:
                 p.counters[(request.route.project, "duplicates_resent")] += 1
@@ -156,19 +216,41 @@ async def _claim(job: Job, p: Pipeline, stream: Stream) -> bool:
         delay = min(delay * 2, 0.5)
 
 
-async def _settle_claim(job: Job, p: Pipeline, final: FinalReply | None = None, code: ErrorCode | None = None) -> None:
+def _hold(job: Job, p: Pipeline, stream: Stream) -> None:
+    job.awaiting_claim = False
+    job.claimed = True
+    stream.before_final = lambda final, code: _settle_claim(job, p, final, code)
+
+
+async def _take_over(job: Job, p: Pipeline, stream: Stream) -> bool:
+    """A copy cancelled while waiting for the claim: answer only if nobody holds it now (the holder died).
+
+    Someone alive holds it: that one answers (a cancel reaches every worker). Answered already: nothing more.
+    """
+    job.awaiting_claim = False
+    try:
+        claimed = await p.state.claim(job.request.dedupe_key)
+    except WorkerError:
+        return False
+    if claimed.verdict is not Claim.NEW:
+        return False
+    _hold(job, p, stream)
+    return True
+
+
+async def _settle_claim(job: Job, p: Pipeline, final: FinalReply | None = None, code: ErrorCode | None = None) -> bool:
     """Cache the final reply for the requestId, or give the claim back (transient error, no reply).
 
     Called just before the final reply is published (a copy arriving right after it finds it cached),
-    and again when the job ends (then it only gives back a claim that got no final reply).
+    and again when the job ends (then it only gives back a claim that got no final reply). False when
+    another worker holds or answered the requestId since (this one's claim lapsed): no final from here.
     """
     if not job.claimed:
-        return
+        return True
     job.claimed = False
     if final is not None and code not in TRANSIENT:
-        await p.state.complete(job.request.dedupe_key, final)
-    else:
-        await p.state.abandon(job.request.dedupe_key)
+        return await p.state.complete(job.request.dedupe_key, final)
+    return await p.state.abandon(job.request.dedupe_key)
 
 
 async def _generate(p: Pipeline, request: Request, prompt: Prompt, stream: Stream) -> Outcome:
@@ -216,7 +298,7 @@ async def _fail(job: Job, stream: Stream, p: Pipeline, error: WorkerError) -> No
     if error.code is ErrorCode.RATE_LIMITED:
         p.counters[(stream.route.project, "rejected")] += 1
     log.info("request.failed_reply", project=stream.route.project, code=str(error.code))
-    job.final = await stream.fail(error)
+    _sent(job, p, await stream.fail(error))
 
 
 def _remaining_s(request: Request) -> float | None:

@@ -15,14 +15,22 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from worker.config import SessionsConfig
 from worker.engine.base import Engine, Prompt
 from worker.errors import ContextTooLongError
 from worker.protocol import ChatMessage, Request
 from worker.state import History, MemoryState, State, Turn
-from worker.state.base import SessionKey
-from worker.state.memory import MemoryLimits, trim
+from worker.state.base import Fence, SessionKey
+from worker.state.memory import MemoryLimits, recorded_answer, trim
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """A request's turn is in its session already: the answer recorded for it."""
+
+    text: str
 
 
 class SessionStore:
@@ -44,21 +52,28 @@ class SessionStore:
         return self._state.sessions(project)
 
     @contextlib.asynccontextmanager
-    async def turn(self, request: Request) -> AsyncIterator[None]:
-        """Hold the session's turn for a stateful request (one turn at a time); a no-op for stateless ones."""
+    async def turn(self, request: Request) -> AsyncIterator[Fence]:
+        """Hold the session's turn for a stateful request (one turn at a time); a no-op for stateless ones.
+
+        Yields the fence `record` passes on: a holder whose lease lapsed records nothing.
+        """
         if request.messages is not None:
-            yield
+            yield None
             return
-        async with self._state.lock(request.session_key):
-            yield
+        async with self._state.lock(request.session_key) as fence:
+            yield fence
 
     async def reset(self, key: SessionKey) -> bool:
         """Forget a session's history and system-prompt override, in turn order; True if it existed."""
         async with self._state.lock(key):
             return await self._state.reset(key)
 
-    async def build_prompt(self, request: Request) -> Prompt:
-        """Render system + trimmed history + this turn; raises `ContextTooLongError` when it cannot fit."""
+    async def build_prompt(self, request: Request) -> Prompt | Recorded:
+        """Render system + trimmed history + this turn; raises `ContextTooLongError` when it cannot fit.
+
+        `Recorded` when the session already holds this requestId's turn (an earlier copy was recorded and
+        its reply, or its cache entry, was lost): it is answered from there, never generated twice.
+        """
         max_tokens = request.sampling.max_tokens
         budget = self._engine.max_model_len - max_tokens
         system = ChatMessage("system", request.system_prompt or request.project.system_prompt)
@@ -68,6 +83,8 @@ class SessionStore:
                 chat.insert(0, system)
             return await self._fit(chat, budget, max_tokens)
         session: History = await self._state.load(request.session_key)
+        if request.client_supplied_id and (answer := recorded_answer(session, request.request_id)) is not None:
+            return Recorded(answer)
         override = request.system_prompt or session.system_prompt
         if override is not None:
             system = ChatMessage("system", override)
@@ -93,10 +110,14 @@ class SessionStore:
             )
         return prompt
 
-    async def record(self, request: Request, answer: str) -> None:
-        """Append the finished turn to the session (stateful requests only); stores a systemPrompt override."""
+    async def record(self, request: Request, answer: str, fence: Fence = None) -> None:
+        """Append the finished turn to the session (stateful requests only); stores a systemPrompt override.
+
+        At most once per requestId, only while `fence` holds the turn; raises `StateUnavailableError` only
+        when the turn is certainly not recorded (see `State.append`).
+        """
         if request.messages is not None or request.message is None:
             return
         tokens = await self._engine.count_tokens(request.message) + await self._engine.count_tokens(answer)
-        turn = Turn(request.message, answer, tokens)
-        await self._state.append(request.session_key, turn, request.system_prompt, self._cfg.max_history_tokens)
+        turn = Turn(request.message, answer, tokens, request.request_id)
+        await self._state.append(request.session_key, turn, request.system_prompt, self._cfg.max_history_tokens, fence)

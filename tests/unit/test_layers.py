@@ -65,7 +65,7 @@ ALLOWED: dict[str, set[str]] = {
     "sessions": {"protocol", "engine.base", "errors", "config", "state", "state.base", "state.memory"},
     "replies": {"protocol", "protocol.encode", "errors"},
     "jobs": {"protocol", "errors", "message"},
-    "serve": {"adapters", "engine.base", "errors", "jobs", "protocol", "replies", "sessions", "state"},
+    "serve": {"adapters", "engine.base", "errors", "jobs", "protocol", "replies", "sessions", "state", "state.base"},
     "intake": {
         "admission",
         "control",

@@ -12,18 +12,35 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
+import structlog
+
 from worker.adapters import Adapter
 from worker.engine.base import Delta, EngineStats, Prompt
 from worker.errors import BadRequestError, EngineDeadError, EngineError
 from worker.protocol.messages import ChatMessage, Sampling
 
 Script = Callable[[Prompt], str]
+log = structlog.get_logger(__name__)
 
 
 def echo_script(prompt: Prompt) -> str:
     """Answer with how many user turns the prompt holds and the last user message."""
     users = [m.content for m in prompt.messages if m.role == "user"]
     return f"echo {len(users)}: {users[-1] if users else ''}"
+
+
+HISTORY_SEPARATOR = " | "
+
+
+def history_script(prompt: Prompt) -> str:
+    """Answer with every user message the prompt holds, oldest first: what the engine saw of the session.
+
+    The chaos run's checker compares it with the turns each client was told succeeded.
+    """
+    return "history: " + HISTORY_SEPARATOR.join(m.content for m in prompt.messages if m.role == "user")
+
+
+SCRIPTS: dict[str, Script] = {"echo": echo_script, "history": history_script}
 
 
 def schema_example(schema_json: str) -> str:
@@ -53,8 +70,11 @@ class FakeEngine:
         fail_after: int | None = None,
         max_model_len: int = 2048,
         model_name: str = "fake-model",
+        *,
+        log_generations: bool = False,
     ) -> None:
         self._script = script
+        self._log_generations = log_generations
         self._token_delay_s = token_delay_s
         self._fail_after = fail_after
         self._max_model_len = max_model_len
@@ -121,6 +141,8 @@ class FakeEngine:
         if len(prompt.token_ids) >= self._max_model_len:
             raise BadRequestError(f"prompt of {len(prompt.token_ids)} tokens leaves no room in {self._max_model_len}")
         _remember(self.priorities, priority)
+        if self._log_generations:  # one line per generation: the chaos checker counts them per requestId
+            log.info("fake.generated", request_id=request_id)
         answer = schema_example(sampling.json_schema) if sampling.json_schema else self._script(prompt)
         if adapter is not None:
             if adapter.id not in self.adapters:

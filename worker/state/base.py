@@ -23,6 +23,8 @@ SessionKey = tuple[str, str, str]
 """(project, owner, sessionId): see `Request.session_key`."""
 DedupeKey = tuple[str, str, str]
 """(project, owner, requestId): see `Request.dedupe_key`."""
+Fence = str | None
+"""A session lock holder's token (None where a holder cannot outlive its lock: memory)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +34,9 @@ class Turn:
     user: str
     assistant: str
     tokens: int
+    request_id: str | None = None
+    """The request that produced it: a turn is recorded at most once per requestId, whatever the retries,
+    and a retry of a recorded turn is answered from it instead of being generated again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,18 +100,27 @@ class State(Protocol):
         """The session's turns and override (empty when new or expired)."""
         ...
 
-    async def append(self, key: SessionKey, turn: Turn, system_prompt: str | None, max_tokens: int) -> None:
-        """Add a turn (and store the override when given), then trim oldest turns to `max_tokens`; atomic."""
+    async def append(
+        self, key: SessionKey, turn: Turn, system_prompt: str | None, max_tokens: int, fence: Fence = None
+    ) -> None:
+        """Add a turn (and store the override when given), then trim oldest turns to `max_tokens`; atomic.
+
+        At most once per `turn.request_id`, and only while `fence` (what `lock` yielded) still holds the
+        session's turn. Returns once the turn is recorded (or was already); raises `StateUnavailableError`
+        only when the turn is not recorded and never will be, so a client told "failed" never finds it in
+        the history later (a write that timed out on our side may still run on the server).
+        """
         ...
 
     async def reset(self, key: SessionKey) -> bool:
         """Forget the session; True if it existed."""
         ...
 
-    def lock(self, key: SessionKey) -> AbstractAsyncContextManager[None]:
+    def lock(self, key: SessionKey) -> AbstractAsyncContextManager[Fence]:
         """Hold the session's turn: one holder at a time, waiters served in arrival order.
 
-        A dead holder's lease expires (`lease_s`), so a crashed worker never blocks a session for good.
+        A dead holder's lease expires (`lease_s`), so a crashed worker never blocks a session for good. It
+        yields the fence token `append` checks: a holder whose lease lapsed (a paused worker) records nothing.
         """
         ...
 
@@ -119,12 +133,20 @@ class State(Protocol):
         """Claim a client-supplied requestId (see `Claim`)."""
         ...
 
-    async def complete(self, key: DedupeKey, final: FinalReply) -> None:
-        """The claim's final reply is out: cache it for the dedupe window."""
+    async def complete(self, key: DedupeKey, final: FinalReply) -> bool:
+        """The claim's final reply goes out now: cache it for the dedupe window.
+
+        False when another worker holds or answered the requestId since (this one's claim lapsed while it was
+        paused): its final reply must not go out, the other's is the one. True otherwise, also when the
+        backend cannot be reached (the reply goes out uncached).
+        """
         ...
 
-    async def abandon(self, key: DedupeKey) -> None:
-        """Give a claim back without a cached reply (refused by a limit, or left for redelivery)."""
+    async def abandon(self, key: DedupeKey) -> bool:
+        """Give a claim back without a cached reply (a transient error, or left for redelivery).
+
+        False, as for `complete`, when another worker holds or answered the requestId since.
+        """
         ...
 
     # ---- rate limits -----------------------------------------------------------------------------------

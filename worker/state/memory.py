@@ -23,7 +23,7 @@ from typing import Self
 
 from worker.errors import RateLimitedError
 from worker.protocol import FinalReply
-from worker.state.base import Budget, Claim, Claimed, DedupeKey, History, SessionKey, StateHealth, Turn
+from worker.state.base import Budget, Claim, Claimed, DedupeKey, Fence, History, SessionKey, StateHealth, Turn
 
 MAX_BUCKETS = 10_000
 MAX_TURNS = 1_000
@@ -90,10 +90,19 @@ class MemoryState:
         session = self._sessions.get(key)
         return session.history if session is not None else History()
 
-    async def append(self, key: SessionKey, turn: Turn, system_prompt: str | None, max_tokens: int) -> None:
-        """See `State.append`; refreshes LRU order and evicts idle or least recent sessions."""
+    async def append(
+        self, key: SessionKey, turn: Turn, system_prompt: str | None, max_tokens: int, fence: Fence = None
+    ) -> None:
+        """See `State.append`; refreshes LRU order and evicts idle or least recent sessions.
+
+        No fence to check here: a holder cannot outlive this process's lock.
+        """
+        del fence
         now = self._clock()
         self._expire(now)
+        existing = self._sessions.get(key)
+        if turn.request_id is not None and existing is not None and recorded_answer(existing.history, turn.request_id):
+            return  # recorded already: at most once per requestId
         session = self._sessions.pop(key, None) or _Session()
         self._sessions[key] = session
         session.last_used = now
@@ -113,13 +122,13 @@ class MemoryState:
         return self._sessions.pop(key, None) is not None
 
     @contextlib.asynccontextmanager
-    async def lock(self, key: SessionKey) -> AsyncIterator[None]:
+    async def lock(self, key: SessionKey) -> AsyncIterator[Fence]:
         """See `State.lock`: an asyncio.Lock per session (FIFO), dropped when nobody holds or waits."""
         entry = self._locks.setdefault(key, _TurnLock())
         entry.users += 1
         try:
             async with entry.lock:
-                yield
+                yield None
         finally:
             entry.users -= 1
             if entry.users == 0:
@@ -152,24 +161,27 @@ class MemoryState:
         self._running.add(key)
         return Claimed(Claim.NEW)
 
-    async def complete(self, key: DedupeKey, final: FinalReply) -> None:
+    async def complete(self, key: DedupeKey, final: FinalReply) -> bool:
         """See `State.complete`: cached as the newest entry; the oldest go while a bound is exceeded.
 
-        A reply larger than the whole byte bound is not cached (its retry is generated again).
+        A reply larger than the whole byte bound is not cached (its retry is generated again). Always True:
+        no other holder can exist in one process.
         """
         now = self._clock()
         self._running.discard(key)
         self._drop(key)
         cached = _Cached(now, final, cached_bytes(key, final))
         if cached.size > self._limits.dedupe_max_bytes:  # would push out every other entry, then itself
-            return
+            return True
         self._done[key] = cached
         self._done_bytes += cached.size
         self._forget_old(now)
+        return True
 
-    async def abandon(self, key: DedupeKey) -> None:
-        """See `State.abandon`."""
+    async def abandon(self, key: DedupeKey) -> bool:
+        """See `State.abandon` (always True, as `complete`)."""
         self._running.discard(key)
+        return True
 
     def dedupe_usage(self) -> tuple[int, int]:
         """(entries, bytes) of cached final replies, recounted (for tests and telemetry; O(entries))."""
@@ -220,6 +232,11 @@ class MemoryState:
     async def monitor(self) -> None:
         """Nothing to probe or renew: waits forever (so it can be supervised like the Redis one)."""
         await asyncio.Event().wait()
+
+
+def recorded_answer(history: History, request_id: str) -> str | None:
+    """The answer of the turn `request_id` produced, when the session holds it (newest first: retries are recent)."""
+    return next((t.assistant for t in reversed(history.turns) if t.request_id == request_id), None)
 
 
 def trim(turns: Sequence[Turn], max_tokens: int) -> tuple[Turn, ...]:

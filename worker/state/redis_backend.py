@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import itertools
 import json
 import time
@@ -36,13 +37,19 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from worker.errors import RateLimitedError, StateUnavailableError
 from worker.protocol import FinalReply
 from worker.state import scripts
-from worker.state.base import Budget, Claim, Claimed, DedupeKey, History, SessionKey, StateHealth, Turn
+from worker.state.base import Budget, Claim, Claimed, DedupeKey, Fence, History, SessionKey, StateHealth, Turn
 from worker.state.memory import MAX_TURNS, MemoryLimits, MemoryState
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 _DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 MAX_TOKEN_DIGITS = 9
+FENCED, EXPIRED = -2, -3  # APPEND's refusals: the lock passed to another worker; the attempt came too late
+CLOCK_MARGIN_S = 0.05
+PROBE_MAX_S = 1.0
+"""While Redis is down it is probed at least this often: the fleet is back within about a second of it."""
+RECORD_ATTEMPTS = 4
+"""A turn's record is retried for this many op timeouts (a stall shorter than that ends recorded)."""
 
 
 class RedisState:
@@ -74,6 +81,10 @@ class RedisState:
         self._healthy = False
         self._latency_ms: float | None = None
         self._r: aioredis.Redis | None = None
+        self._attempt_s = 2 * op_timeout_s
+        """How long after it is sent an append may still land on the server (its deadline)."""
+        self._offset_ms = 0.0
+        self._offset_err_s = op_timeout_s  # until the first probe measures it
 
     async def __aenter__(self) -> Self:
         self._r = aioredis.Redis.from_url(
@@ -147,9 +158,18 @@ class RedisState:
             log.warning("state.bad_turns", skipped=len(items) - len(turns))
         return History(turns, prompt.decode("utf-8", "replace") if isinstance(prompt, bytes) else None)
 
-    async def append(self, key: SessionKey, turn: Turn, system_prompt: str | None, max_tokens: int) -> None:
-        """See `State.append`: one script, so concurrent appends never interleave a trim."""
-        item = f"{turn.tokens}\n" + json.dumps([turn.user, turn.assistant])
+    async def append(
+        self, key: SessionKey, turn: Turn, system_prompt: str | None, max_tokens: int, fence: Fence = None
+    ) -> None:
+        """See `State.append`: one script (at most once per requestId, fenced, with a deadline), retried.
+
+        An attempt that times out here may still run on the server after a stall; each carries a deadline on
+        the server's clock, so it can only land within 2 x op_timeout_s of being sent. Attempts are retried (a
+        requestId is recorded once) for `RECORD_ATTEMPTS` x op_timeout_s; only then, and only once every
+        attempt's deadline has passed, is the turn reported failed: it is certainly not recorded, and never
+        will be.
+        """
+        item = f"{turn.tokens}\n" + json.dumps([turn.user, turn.assistant, turn.request_id])
         ttl_ms = round(self._limits.idle_ttl_s * 1000)
         args: list[str | int] = [
             item,
@@ -160,21 +180,52 @@ class RedisState:
             MAX_TURNS,
             self._session_base(key),
             self._limits.max_sessions,
+            fence or "",
+            turn.request_id or f"auto-{self._token()}",
         ]
-        keys = [self._session(key, "t"), self._session(key, "p"), self._index(key[0], "sessions")]
-        await self._call(lambda: self._append(keys=keys, args=args))
+        keys = [
+            self._session(key, "t"),
+            self._session(key, "p"),
+            self._index(key[0], "sessions"),
+            self._session(key, "q"),
+            self._session(key, "ids"),
+        ]
+        give_up = time.monotonic() + RECORD_ATTEMPTS * self._op_timeout_s
+        last_deadline = 0.0
+        while True:
+            deadline = time.time() + self._attempt_s
+            last_deadline = deadline
+            attempt = functools.partial(self._append, keys=keys, args=[*args, self._server_ms(deadline)])
+            try:
+                result = int(await self._call(attempt))
+            except StateUnavailableError:
+                if time.monotonic() >= give_up:
+                    break
+                await asyncio.sleep(min(0.25, self._op_timeout_s / 4))  # fails fast while down: monitor probes
+                continue
+            if result == FENCED:
+                log.warning("state.turn_fenced", project=key[0], reason="this worker's session lease lapsed")
+                raise StateUnavailableError("the session's turn passed to another worker", retry_after_ms=1000)
+            if result != EXPIRED:
+                return  # recorded now, or before (a retry)
+        await asyncio.sleep(max(0.0, last_deadline + self._offset_err_s + CLOCK_MARGIN_S - time.time()))
+        raise StateUnavailableError(retry_after_ms=1000)  # every attempt's deadline passed: none can land now
+
+    def _server_ms(self, local_time: float) -> int:
+        """A local wall-clock instant on the server's clock (as last measured by `_probe`)."""
+        return round(local_time * 1000 + self._offset_ms)
 
     async def reset(self, key: SessionKey) -> bool:
         """See `State.reset`: the session and its index entry, in one transaction (one round trip)."""
         assert self._r is not None  # noqa: S101
         pipe = self._r.pipeline(transaction=True)
-        pipe.delete(self._session(key, "t"), self._session(key, "p"))
+        pipe.delete(self._session(key, "t"), self._session(key, "p"), self._session(key, "ids"))
         pipe.zrem(self._index(key[0], "sessions"), self._session_base(key))
         deleted, _ = await self._call(pipe.execute)
         return bool(deleted)
 
     @contextlib.asynccontextmanager
-    async def lock(self, key: SessionKey) -> AsyncIterator[None]:
+    async def lock(self, key: SessionKey) -> AsyncIterator[Fence]:
         """See `State.lock`: a FIFO queue in Redis; a waiter blocks until woken (or a bounded wait ends)."""
         queue, token = self._session(key, "q"), self._token()
         alive = f"{queue}:a:{token}"
@@ -191,7 +242,7 @@ class RedisState:
                 # woken when we become the head; the bounded wait also catches a holder that died
                 await self._call(lambda: self._blpop(wake_key, wait_s))
                 got = await self._call(lambda: self._try(keys=[queue], args=[token, self._lease_ms]))
-            yield
+            yield token
         finally:
             self._leases.pop(alive, None)
             with contextlib.suppress(StateUnavailableError):  # else its lease lapses in lease_s
@@ -228,12 +279,11 @@ class RedisState:
             return Claimed(Claim.DONE, _decode_final(reply[1]))
         return Claimed(Claim.IN_FLIGHT)
 
-    async def complete(self, key: DedupeKey, final: FinalReply) -> None:
+    async def complete(self, key: DedupeKey, final: FinalReply) -> bool:
         """See `State.complete`."""
         if key in self._local_claims:
             self._local_claims.discard(key)
-            await self._local.complete(key, final)
-            return
+            return await self._local.complete(key, final)
         token = self._claims.pop(key, "")
         rkey = self._request(key)
         self._leases.pop(rkey, None)
@@ -242,20 +292,23 @@ class RedisState:
         keys = [rkey, *(self._index(project, kind) for kind in ("replies", "reply-sizes", "reply-bytes"))]
         bounds = (self._limits.dedupe_max_entries, self._limits.dedupe_max_bytes)
         args: list[str | int] = [token, _encode_final(final), window_ms, *bounds]
-        with contextlib.suppress(StateUnavailableError):  # the claim lapses; a retry is generated again
-            await self._call(lambda: self._complete(keys=keys, args=args))
+        try:
+            return bool(int(await self._call(lambda: self._complete(keys=keys, args=args))))
+        except StateUnavailableError:  # the claim lapses; a retry finds the turn in the history, if it has one
+            return True
 
-    async def abandon(self, key: DedupeKey) -> None:
+    async def abandon(self, key: DedupeKey) -> bool:
         """See `State.abandon`."""
         if key in self._local_claims:
             self._local_claims.discard(key)
-            await self._local.abandon(key)
-            return
+            return await self._local.abandon(key)
         token = self._claims.pop(key, "")
         rkey = self._request(key)
         self._leases.pop(rkey, None)
-        with contextlib.suppress(StateUnavailableError):
-            await self._call(lambda: self._abandon(keys=[rkey], args=[token]))
+        try:
+            return bool(int(await self._call(lambda: self._abandon(keys=[rkey], args=[token]))))
+        except StateUnavailableError:
+            return True
 
     # ---- rate limits -----------------------------------------------------------------------------------
     async def take(self, budgets: Sequence[Budget]) -> None:
@@ -272,6 +325,12 @@ class RedisState:
         if int(retry_ms) > 0:
             raise RateLimitedError(retry_after_ms=int(retry_ms))
 
+    def _track_clock(self, server_ms: float, sent_wall: float) -> None:
+        """Server clock minus ours, from one round trip (its error: half the round trip)."""
+        now = time.time()
+        self._offset_ms = server_ms - (sent_wall + now) * 500
+        self._offset_err_s = (now - sent_wall) / 2
+
     # ---- health ----------------------------------------------------------------------------------------
     def health(self) -> StateHealth:
         """See `State.health`."""
@@ -286,20 +345,20 @@ class RedisState:
                 await self._probe()
             else:
                 await asyncio.sleep(backoff)
-                backoff = 0.5 if await self._probe() else min(backoff * 2, 5.0)
+                backoff = 0.5 if await self._probe() else min(backoff * 2, PROBE_MAX_S)
 
     async def _probe(self) -> bool:
         """One round trip: renew our leases (or PING); records latency and flips health both ways."""
         assert self._r is not None  # noqa: S101
         leases = dict(self._leases)
-        started = time.monotonic()
+        started, started_wall = time.monotonic(), time.time()
         try:
             if leases:
-                lost = await self._renew(keys=list(leases), args=[self._lease_ms, *leases.values()])
+                lost, seconds, micros = await self._renew(keys=list(leases), args=[self._lease_ms, *leases.values()])
                 if int(lost):
                     log.warning("state.leases_lost", count=int(lost))
             else:
-                await self._r.ping()
+                seconds, micros = await self._r.time()
         except _DOWN as err:
             self._mark_down(err)
             return False
@@ -307,6 +366,7 @@ class RedisState:
             log.warning("state.probe_refused", error=type(err).__name__, detail=str(err)[:200])
             return False
         self._latency_ms = round((time.monotonic() - started) * 1000, 2)
+        self._track_clock(int(seconds) * 1000 + int(micros) / 1000, started_wall)
         if not self._healthy:
             log.info("state.recovered", url=redact(self._url), latency_ms=self._latency_ms)
         self._healthy = True
@@ -323,12 +383,14 @@ def redact(url: str) -> str:
 
 
 def _decode_turn(item: bytes) -> Turn | None:
-    """`<tokens>` newline `<json [user, assistant]>`, or None when it is not that (never raises)."""
+    """`<tokens>` newline `<json [user, assistant, requestId]>`, or None when it is not that (never raises)."""
     try:
         head, _, body = item.partition(b"\n")
-        user, assistant = json.loads(body)
-        if isinstance(user, str) and isinstance(assistant, str) and head.isdigit() and len(head) <= MAX_TOKEN_DIGITS:
-            return Turn(user, assistant, int(head))
+        user, assistant, *rest = json.loads(body)
+        rid = rest[0] if rest else None
+        texts = isinstance(user, str) and isinstance(assistant, str) and (rid is None or isinstance(rid, str))
+        if texts and head.isdigit() and len(head) <= MAX_TOKEN_DIGITS:
+            return Turn(user, assistant, int(head), rid)
     except (ValueError, TypeError):
         pass
     return None

@@ -75,7 +75,8 @@ return 1
 
 # Leases this worker holds (alive keys, requestId claims): renewed only while they still hold our value.
 RENEW = """
--- KEYS lease keys; ARGV[1] lease_ms, ARGV[1 + i] the value KEYS[i] must hold -> how many were lost
+-- KEYS lease keys; ARGV[1] lease_ms, ARGV[1 + i] the value KEYS[i] must hold
+-- -> {how many were lost, server seconds, server microseconds} (the worker tracks the server's clock)
 local lost = 0
 for i, key in ipairs(KEYS) do
   if redis.call('GET', key) == ARGV[i + 1] then
@@ -84,7 +85,8 @@ for i, key in ipairs(KEYS) do
     lost = lost + 1
   end
 end
-return lost
+local t = redis.call('TIME')
+return {lost, t[1], t[2]}
 """
 
 _NOW_MS = """
@@ -94,14 +96,33 @@ local function now_ms()
 end
 """
 
-# Turns are list items "<tokens>\\n<json>"; history is trimmed by tokens (newest kept), as in memory. The
-# session then becomes the newest in its project's index; the least recently used beyond max_sessions are
-# deleted, except one whose lock queue exists (its turn is running: the cap is soft then, as in memory).
+# Turns are list items "<tokens>\\n<json [user, assistant, requestId]>"; history is trimmed by tokens (newest
+# kept), as in memory. A turn is recorded at most once per requestId (`{session}/ids`: the requestIds
+# recorded, newest kept), only while the writer still holds the session's turn (its lock token at the
+# queue's head, its alive key not lapsed: a resumed paused worker is fenced out), and only before the
+# attempt's deadline on the server's clock (a write that timed out on the worker's side and runs late,
+# after a stall, cannot land once the worker told its client the turn failed). The session then becomes
+# the newest in its project's index; the least recently used beyond max_sessions are deleted, except one
+# whose lock queue exists (its turn is running: the cap is soft then, as in memory).
 APPEND = (
     _NOW_MS
     + """
--- KEYS[1] turns, KEYS[2] system prompt, KEYS[3] the project's session index (session key -> last use ms)
--- ARGV item, max_tokens, ttl_ms, has_prompt, prompt, max_turns, session key, max_sessions
+-- KEYS[1] turns, KEYS[2] system prompt, KEYS[3] the project's session index (session key -> last use ms),
+-- KEYS[4] the session's lock queue, KEYS[5] the session's recorded requestIds (zset: id -> ms)
+-- ARGV item, max_tokens, ttl_ms, has_prompt, prompt, max_turns, session key, max_sessions, fence token
+-- ('' = none), requestId, deadline server ms (0 = none)
+-- -> kept turns (recorded) | -1 recorded before | -2 fenced out (lock lost) | -3 deadline passed
+local now = now_ms()
+if redis.call('ZSCORE', KEYS[5], ARGV[10]) then return -1 end
+if ARGV[9] ~= '' then
+  if redis.call('LINDEX', KEYS[4], 0) ~= ARGV[9] or redis.call('EXISTS', KEYS[4] .. ':a:' .. ARGV[9]) == 0 then
+    return -2
+  end
+end
+if tonumber(ARGV[11]) > 0 and now > tonumber(ARGV[11]) then return -3 end
+redis.call('ZADD', KEYS[5], now, ARGV[10])
+redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -(2 * tonumber(ARGV[6]) + 1))
+redis.call('PEXPIRE', KEYS[5], ARGV[3])
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[6]), -1)
 local items = redis.call('LRANGE', KEYS[1], 0, -1)
@@ -122,7 +143,7 @@ if ARGV[4] == '1' then
 elseif redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
-local idx, now = KEYS[3], now_ms()
+local idx = KEYS[3]
 redis.call('ZREMRANGEBYSCORE', idx, '-inf', now - tonumber(ARGV[3]))  -- idle past their TTL: gone already
 redis.call('ZADD', idx, now, ARGV[7])
 local skipped = 0
@@ -132,7 +153,7 @@ while redis.call('ZCARD', idx) - skipped > tonumber(ARGV[8]) do
   if redis.call('EXISTS', s .. '/q') == 1 then
     skipped = skipped + 1
   else
-    redis.call('DEL', s .. '/t', s .. '/p')
+    redis.call('DEL', s .. '/t', s .. '/p', s .. '/ids')
     redis.call('ZREM', idx, s)
   end
 end
@@ -201,8 +222,10 @@ return 1
 )
 
 ABANDON = """
--- KEYS[1] request key; ARGV token
-if redis.call('GET', KEYS[1]) == 'c:' .. ARGV[1] then redis.call('DEL', KEYS[1]) end
+-- KEYS[1] request key; ARGV token -> 1 given back (or nobody holds it), 0 another worker holds or answered it
+local v = redis.call('GET', KEYS[1])
+if v == 'c:' .. ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end
+if v then return 0 end
 return 1
 """
 

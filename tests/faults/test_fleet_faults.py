@@ -1,0 +1,200 @@
+"""Issue 27's reproductions: compound faults that broke a fleet guarantee, each on a real Mosquitto + Redis.
+
+- A Redis stall while a turn is recorded: a turn the client was told failed must never land in the
+  history, a turn recorded must be answered, a retry must be recorded once, and the lock must come back.
+- A paused holder whose lease lapsed: it records nothing and publishes no second final (fencing).
+- One requestId on two workers, one cancel: one `cancelled`.
+The fake engine answers `history: u1 | u2 | ...`, the user turns its prompt held (the chaos checker's oracle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from support import Mosquitto, RedisServer, bodies, peer, running_worker
+
+from worker.client import Client
+from worker.config import BrokerConfig
+from worker.engine.fake import FakeEngine
+from worker.errors import StateUnavailableError
+from worker.protocol import FinalReply
+from worker.state import Turn
+from worker.state.base import Claim
+from worker.state.memory import MemoryLimits
+from worker.state.redis_backend import RedisState
+
+pytestmark = pytest.mark.faults
+LONG = " ".join(f"w{i}" for i in range(40))  # 40 words: ~2 s of generation at 0.05 s a token
+
+
+@pytest.fixture
+def mosquitto() -> Iterator[Mosquitto]:
+    broker = Mosquitto("persistence true\npersistence_location {dir}/\n").start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    if server.proc is not None and server.proc.poll() is None:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    server.stop()
+
+
+def history_script(prompt) -> str:
+    """What the engine saw of the session: every user message of the prompt, oldest first."""
+    return "history: " + " | ".join(m.content for m in prompt.messages if m.role == "user")
+
+
+def seen(text: str) -> list[str]:
+    assert text.startswith("history: "), text
+    return text.removeprefix("history: ").split(" | ")
+
+
+async def stall(redis: RedisServer, for_s: float, started: asyncio.Event) -> None:
+    """SIGSTOP Redis once the turn generates (its first streamed chunk), for `for_s`: it records meanwhile."""
+    assert redis.proc is not None
+    await started.wait()
+    os.kill(redis.proc.pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(for_s)
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+
+
+async def ask(c: Client, text: str, rid: str, started: asyncio.Event | None = None) -> tuple[str, str]:
+    """(error code or "ok", text) of one turn of session s; `started` is set at its first streamed chunk."""
+    reply = None
+    async for chunk in c.stream("maze", text, session="s", request_id=rid, timeout_s=60, maxTokens=400):
+        if started is not None:
+            started.set()
+        reply = chunk.reply
+    assert reply is not None
+    return (reply.error_code or "ok"), reply.text
+
+
+@pytest.fixture
+async def worker_and_client(mosquitto, redis_server, request) -> AsyncIterator[Client]:
+    lease_s, op_timeout_s = request.param
+    engine = FakeEngine(history_script, token_delay_s=0.05)
+    state = {"url": redis_server.url, "lease_s": lease_s, "op_timeout_s": op_timeout_s}
+    async with (
+        running_worker(engine, projects=["maze"], broker_url=mosquitto.url, state=state),
+        Client(BrokerConfig(url=mosquitto.url), client_id="app") as c,
+    ):
+        yield c
+
+
+@pytest.mark.parametrize("worker_and_client", [(10.0, 1.0)], indirect=True)
+async def test_a_turn_recorded_during_a_redis_stall_is_answered_once_and_the_lock_comes_back(
+    worker_and_client, redis_server
+):
+    c = worker_and_client
+    assert await ask(c, "t1", "r1") == ("ok", "history: t1")
+    generating = asyncio.Event()
+    stalled = asyncio.create_task(stall(redis_server, 4.0, generating))  # turn 2 records while Redis is stopped
+    code, text = await ask(c, f"t2 {LONG}", "r2", generating)
+    await stalled
+    assert code == "ok"  # the write landed once Redis was back: the answer says so
+    assert seen(text) == ["t1", f"t2 {LONG}"]
+    assert await ask(c, "t3", "r3") == ("ok", f"history: t1 | t2 {LONG} | t3")  # exactly once, in order
+    assert await ask(c, f"t2 {LONG}", "r2") == ("ok", text)  # a retry: the same answer, nothing recorded again
+    assert await ask(c, "t4", "r4") == ("ok", f"history: t1 | t2 {LONG} | t3 | t4")
+
+
+@pytest.mark.parametrize("worker_and_client", [(1.5, 0.5)], indirect=True)
+async def test_a_turn_told_failed_during_a_long_redis_stall_never_lands_and_its_retry_records_once(
+    worker_and_client, redis_server
+):
+    c = worker_and_client
+    assert await ask(c, "t1", "r1") == ("ok", "history: t1")
+    generating = asyncio.Event()
+    stalled = asyncio.create_task(stall(redis_server, 6.0, generating))  # past lease_s: the turn fails
+    code, _ = await ask(c, f"t2 {LONG}", "r2", generating)
+    assert code == "state_unavailable"
+    await stalled  # the write sent before the stall now runs on the server: refused (its deadline passed)
+    started = time.monotonic()
+    while (turn3 := await ask(c, "t3", "r3"))[0] == "state_unavailable":  # until the worker sees Redis back
+        assert time.monotonic() - started < 10, "the worker never saw Redis come back"
+        await asyncio.sleep(0.2)
+    assert turn3 == ("ok", "history: t1 | t3")  # no ghost turn
+    print(f"turn 3 answered {time.monotonic() - started:.2f} s after Redis came back")
+    code, text = await ask(c, f"t2 {LONG}", "r2")  # the retry the error invites
+    assert (code, seen(text)) == ("ok", ["t1", "t3", f"t2 {LONG}"])
+    assert await ask(c, "t4", "r4") == ("ok", f"history: t1 | t3 | t2 {LONG} | t4")  # recorded once
+
+
+async def test_a_write_sent_before_a_stall_cannot_land_after_its_turn_was_reported_failed(redis_server):
+    """The class behind the ghost turn, at the state layer: an append whose reply never came (Redis stopped)
+    is reported failed only once it can no longer run; when Redis resumes, the queued write is refused."""
+    key = ("maze", "app", "s")
+    async with RedisState(redis_server.url, "vw/", MemoryLimits(), lease_s=10, op_timeout_s=0.3) as state:
+        assert redis_server.proc is not None
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)  # no monitor runs: nothing flips the backend back up
+        try:
+            started = time.monotonic()
+            with pytest.raises(StateUnavailableError):
+                await state.append(key, Turn("t2", "a2", 2, "r2"), None, 1000)
+            print(f"reported failed after {time.monotonic() - started:.2f} s")
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+    await asyncio.sleep(0.5)  # the queued write runs now
+    async with RedisState(redis_server.url, "vw/", MemoryLimits()) as fresh:
+        assert (await fresh.load(key)).turns == ()
+
+
+async def test_a_holder_whose_lease_lapsed_records_nothing_and_its_claim_passes(redis_server):
+    """A worker paused past lease_s (SIGSTOP) resumes as a former holder: fenced out of the session and the
+    requestId. Two RedisState instances stand for the two workers; the paused one simply stops renewing."""
+    limits = MemoryLimits()
+    key, rid = ("maze", "app", "s"), ("maze", "app", "r2")
+    final = FinalReply("maze/response/app", b'{"done":true}', None)
+    async with (
+        RedisState(redis_server.url, "vw/", limits, lease_s=0.5) as paused,
+        RedisState(redis_server.url, "vw/", limits, lease_s=0.5) as other,
+    ):
+        renew = asyncio.create_task(other.monitor())
+        try:
+            assert (await paused.claim(rid)).verdict is Claim.NEW
+            lock = paused.lock(key)
+            fence = await lock.__aenter__()
+            await asyncio.sleep(1.0)  # paused: no renewals, its leases lapse
+            async with asyncio.timeout(5), other.lock(key) as other_fence:  # the next turn proceeds elsewhere
+                await other.append(key, Turn("t3", "a3", 2, "r3"), None, 1000, other_fence)
+            assert (await other.claim(rid)).verdict is Claim.NEW  # a client's retry of r2, elsewhere
+            assert await other.complete(rid, final)
+            with pytest.raises(StateUnavailableError):  # the resumed holder: fenced out
+                await paused.append(key, Turn("t2", "a2", 2, "r2"), None, 1000, fence)
+            assert not await paused.complete(rid, final)  # its final reply must not go out
+            await lock.__aexit__(None, None, None)
+            history = await other.load(key)
+            assert [t.user for t in history.turns] == ["t3"]
+        finally:
+            renew.cancel()
+
+
+async def test_one_cancel_of_a_request_held_by_two_workers_is_answered_once(mosquitto, redis_server):
+    engine_a, engine_b = FakeEngine(history_script, token_delay_s=0.1), FakeEngine(history_script, token_delay_s=0.1)
+    state = {"url": redis_server.url, "lease_s": 3.0}
+    async with (
+        running_worker(engine_a, projects=["maze"], broker_url=mosquitto.url, state=state, worker={"id": "wa"}),
+        running_worker(engine_b, projects=["maze"], broker_url=mosquitto.url, state=state, worker={"id": "wb"}),
+        peer(mosquitto.port, ["maze/response/app"], protocol="5") as p,
+    ):
+        body = {"v": 2, "clientId": "app", "sessionId": "s", "requestId": "dup", "message": LONG, "maxTokens": 400}
+        for _ in range(2):  # a retry while the first copy runs: the share group hands it to the other worker
+            await p.publish("maze/user_input", body)
+        await asyncio.sleep(0.5)  # both copies taken: one generates, one waits on the claim
+        assert engine_a.running + engine_b.running == 1
+        await p.publish("maze/cancel", {"requestId": "dup", "clientId": "app"})
+        await p.wait_for(lambda got: any(b.get("done") for b in bodies(got)), timeout_s=10)
+        await asyncio.sleep(1.0)  # anything else on its way arrives
+    finals = [b for b in bodies(p.received) if b.get("done")]
+    assert [b.get("error", {}).get("code") for b in finals] == ["cancelled"]
