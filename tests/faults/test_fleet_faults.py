@@ -131,6 +131,30 @@ async def test_a_turn_told_failed_during_a_long_redis_stall_never_lands_and_its_
     assert await ask(c, "t4", "r4") == ("ok", f"history: t1 | t3 | t2 {LONG} | t4")  # recorded once
 
 
+async def test_a_lock_whose_release_failed_is_given_back_once_redis_answers(redis_server):
+    """A stall outlasting the release: the session's next turn goes on when Redis is back, not `lease_s` later."""
+    key = ("maze", "app", "s")
+    async with RedisState(redis_server.url, "vw/", MemoryLimits(), lease_s=30, op_timeout_s=0.3) as state:
+        renew = asyncio.create_task(state.monitor())
+        try:
+            assert redis_server.proc is not None
+            async with state.lock(key):
+                os.kill(redis_server.proc.pid, signal.SIGSTOP)
+            await asyncio.sleep(1.0)  # the release failed meanwhile
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+            started = time.monotonic()
+            async with asyncio.timeout(10):  # lease_s is 30: only the late release lets the next turn in
+                while True:
+                    try:
+                        async with state.lock(key):
+                            break
+                    except StateUnavailableError:  # until the worker sees Redis back (as a client retries)
+                        await asyncio.sleep(0.1)
+            print(f"the next turn got the lock {time.monotonic() - started:.2f} s after Redis came back")
+        finally:
+            renew.cancel()
+
+
 async def test_a_write_sent_before_a_stall_cannot_land_after_its_turn_was_reported_failed(redis_server):
     """The class behind the ghost turn, at the state layer: an append whose reply never came (Redis stopped)
     is reported failed only once it can no longer run; when Redis resumes, the queued write is refused."""

@@ -15,16 +15,13 @@ this worker's own dedupe and rate limits (`health().degraded`). Standalone Redis
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import itertools
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Self, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import structlog
@@ -38,12 +35,12 @@ from worker.errors import RateLimitedError, StateUnavailableError
 from worker.protocol import FinalReply
 from worker.state import scripts
 from worker.state.base import Budget, Claim, Claimed, DedupeKey, Fence, History, SessionKey, StateHealth, Turn
+from worker.state.codec import decode_final, decode_turn, encode_final, encode_turn, redact
 from worker.state.memory import MAX_TURNS, MemoryLimits, MemoryState
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 _DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
-MAX_TOKEN_DIGITS = 9
 FENCED, EXPIRED = -2, -3  # APPEND's refusals: the lock passed to another worker; the attempt came too late
 CLOCK_MARGIN_S = 0.05
 PROBE_MAX_S = 1.0
@@ -83,6 +80,8 @@ class RedisState:
         self._r: aioredis.Redis | None = None
         self._attempt_s = 2 * op_timeout_s
         """How long after it is sent an append may still land on the server (its deadline)."""
+        self._releases: set[asyncio.Task[None]] = set()
+        self._went_down = asyncio.Event()
         self._offset_ms = 0.0
         self._offset_err_s = op_timeout_s  # until the first probe measures it
 
@@ -107,6 +106,8 @@ class RedisState:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        for task in list(self._releases):
+            task.cancel()
         if self._r is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self._r.aclose()
@@ -129,6 +130,7 @@ class RedisState:
         if self._healthy:
             log.error("state.unavailable", url=redact(self._url), error=type(err).__name__, action="degraded")
         self._healthy = False
+        self._went_down.set()
 
     def _token(self) -> str:
         return f"{self._incarnation}-{next(self._seq)}"
@@ -153,7 +155,7 @@ class RedisState:
         pipe.lrange(self._session(key, "t"), 0, -1)
         pipe.get(self._session(key, "p"))
         items, prompt = await self._call(pipe.execute)
-        turns = tuple(t for t in (_decode_turn(item) for item in items) if t is not None)
+        turns = tuple(t for t in (decode_turn(item) for item in items) if t is not None)
         if len(turns) != len(items):
             log.warning("state.bad_turns", skipped=len(items) - len(turns))
         return History(turns, prompt.decode("utf-8", "replace") if isinstance(prompt, bytes) else None)
@@ -169,7 +171,7 @@ class RedisState:
         attempt's deadline has passed, is the turn reported failed: it is certainly not recorded, and never
         will be.
         """
-        item = f"{turn.tokens}\n" + json.dumps([turn.user, turn.assistant, turn.request_id])
+        item = encode_turn(turn)
         ttl_ms = round(self._limits.idle_ttl_s * 1000)
         args: list[str | int] = [
             item,
@@ -245,8 +247,27 @@ class RedisState:
             yield token
         finally:
             self._leases.pop(alive, None)
-            with contextlib.suppress(StateUnavailableError):  # else its lease lapses in lease_s
+            try:
                 await self._call(lambda: self._leave(keys=[queue], args=[token, self._lease_ms]))
+            except StateUnavailableError:  # given back as soon as Redis answers (else it lapses in lease_s)
+                self._release_later(queue, token)
+
+    def _release_later(self, queue: str, token: str) -> None:
+        """Retry a lock's release in the background until Redis answers, for at most `lease_s`."""
+        task = asyncio.ensure_future(self._retry_release(queue, token))  # supervised: never raises, ends by lease_s
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _retry_release(self, queue: str, token: str) -> None:
+        ends = time.monotonic() + self._lease_ms / 1000
+        while time.monotonic() < ends:
+            await asyncio.sleep(min(0.25, self._op_timeout_s / 2))
+            try:
+                await self._call(lambda: self._leave(keys=[queue], args=[token, self._lease_ms]))
+            except StateUnavailableError:
+                continue
+            log.info("state.lock_released_late", queue=queue.rsplit("/", 2)[0][-64:])
+            return
 
     async def _blpop(self, key: str, wait_s: float) -> object:
         assert self._r is not None  # noqa: S101
@@ -276,7 +297,7 @@ class RedisState:
             self._leases[rkey] = f"c:{token}"
             return Claimed(Claim.NEW)
         if verdict == "done":
-            return Claimed(Claim.DONE, _decode_final(reply[1]))
+            return Claimed(Claim.DONE, decode_final(reply[1]))
         return Claimed(Claim.IN_FLIGHT)
 
     async def complete(self, key: DedupeKey, final: FinalReply) -> bool:
@@ -291,7 +312,7 @@ class RedisState:
         project = key[0]
         keys = [rkey, *(self._index(project, kind) for kind in ("replies", "reply-sizes", "reply-bytes"))]
         bounds = (self._limits.dedupe_max_entries, self._limits.dedupe_max_bytes)
-        args: list[str | int] = [token, _encode_final(final), window_ms, *bounds]
+        args: list[str | int] = [token, encode_final(final), window_ms, *bounds]
         try:
             return bool(int(await self._call(lambda: self._complete(keys=keys, args=args))))
         except StateUnavailableError:  # the claim lapses; a retry finds the turn in the history, if it has one
@@ -341,7 +362,10 @@ class RedisState:
         backoff = 0.5
         while True:
             if self._healthy:
-                await asyncio.sleep(self._renew_every_s)
+                with contextlib.suppress(TimeoutError):  # a call that finds Redis down ends the wait at once
+                    async with asyncio.timeout(self._renew_every_s):
+                        await self._went_down.wait()
+                self._went_down.clear()
                 await self._probe()
             else:
                 await asyncio.sleep(backoff)
@@ -371,48 +395,3 @@ class RedisState:
             log.info("state.recovered", url=redact(self._url), latency_ms=self._latency_ms)
         self._healthy = True
         return True
-
-
-def redact(url: str) -> str:
-    """The URL without its password (for logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _decode_turn(item: bytes) -> Turn | None:
-    """`<tokens>` newline `<json [user, assistant, requestId]>`, or None when it is not that (never raises)."""
-    try:
-        head, _, body = item.partition(b"\n")
-        user, assistant, *rest = json.loads(body)
-        rid = rest[0] if rest else None
-        texts = isinstance(user, str) and isinstance(assistant, str) and (rid is None or isinstance(rid, str))
-        if texts and head.isdigit() and len(head) <= MAX_TOKEN_DIGITS:
-            return Turn(user, assistant, int(head), rid)
-    except (ValueError, TypeError):
-        pass
-    return None
-
-
-def _encode_final(final: FinalReply) -> str:
-    data = {
-        "t": final.topic,
-        "p": base64.b64encode(final.payload).decode(),
-        "c": base64.b64encode(final.correlation_data).decode() if final.correlation_data is not None else None,
-    }
-    return json.dumps(data)
-
-
-def _decode_final(raw: object) -> FinalReply | None:
-    """The cached final reply, or None when it is unreadable (never raises)."""
-    try:
-        data = json.loads(raw if isinstance(raw, (bytes, str)) else b"")
-        corr = data["c"]
-        return FinalReply(
-            str(data["t"]), base64.b64decode(data["p"]), base64.b64decode(corr) if corr is not None else None
-        )
-    except (ValueError, TypeError, KeyError):
-        log.warning("state.bad_cached_reply")
-        return None
