@@ -1,4 +1,4 @@
-"""`Bus`: paho-mqtt 2.x on asyncio. With `pahoio`, the only importer of paho; it carries bytes, not protocol.
+"""`Bus`: paho-mqtt 2.x on asyncio. With `pahoio` and `mqttclient`, the only importers of paho; it carries bytes.
 
 paho runs on the event loop's thread (`pahoio.Driver`: no network thread, no cross-thread hand-over), so
 its callbacks run here and act directly. Connect tries MQTT v5, then 3.1.1 (amqtt); after a lost
@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import ssl
 from collections.abc import Iterable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
 import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -30,6 +27,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from worker.config import BrokerConfig
 from worker.errors import ConfigError, PublishError
 from worker.message import InboundMessage, is_mqtt_text
+from worker.mqttclient import Will, make_client, tls_context
 from worker.pahoio import Driver, LoopClient, correlated
 
 log = structlog.get_logger(__name__)
@@ -42,15 +40,6 @@ RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 30.0
 CLOSE_TIMEOUT_S = 1.0
 
 
-@dataclass(frozen=True, slots=True)
-class Will:
-    """Last Will: published by the broker if this client dies without a clean disconnect."""
-
-    topic: str
-    payload: bytes
-    retain: bool = True
-
-
 class BusConnectError(ConfigError):
     """The broker could not be reached or refused us."""
 
@@ -61,6 +50,10 @@ class BusSubscribeError(ConfigError):
 
 class BusFailedError(RuntimeError):
     """The connection's driver failed; nothing more will be received (the process must stop)."""
+
+
+class BusLostError(ConnectionError):
+    """A bus made with `reconnect=False` lost its connection (e.g. the session's owner came back)."""
 
 
 class Bus:
@@ -77,11 +70,15 @@ class Bus:
         persistent: bool = False,
         receive_maximum: int | None = None,
         max_packet_bytes: int | None = None,
+        reconnect: bool = True,
     ) -> None:
         self._cfg = cfg
         self._persistent = persistent
         self._receive_maximum = receive_maximum
         self._max_packet_bytes = max_packet_bytes
+        self._reconnect = reconnect
+        self.end_session = False
+        """Set before closing: the DISCONNECT carries Session Expiry 0, so the broker drops the session."""
         self._client_id = client_id
         self._will = will
         self._protocol = protocol or cfg.protocol
@@ -135,7 +132,11 @@ class Bus:
         self._client = None
         if client is not None and driver is not None:
             if client.is_connected():
-                client.disconnect()  # paho closes the socket once DISCONNECT is written
+                props = None
+                if self.end_session and self.is_v5:
+                    props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+                    props.SessionExpiryInterval = 0
+                client.disconnect(properties=props)  # paho closes the socket once DISCONNECT is written
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(CLOSE_TIMEOUT_S):
                         await driver.closed.wait()
@@ -146,37 +147,13 @@ class Bus:
         self._pending.clear()
 
     def _make_client(self, version: str) -> LoopClient:
-        v5 = version == "5"
-        client = LoopClient(
-            CallbackAPIVersion.VERSION2,
-            client_id=self._client_id,
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else not self._persistent,
-            manual_ack=True,
-            reconnect_on_failure=False,  # reconnects are ours (_keep_connected), never paho's own
-        )
-        client.suppress_exceptions = True
-        client.enable_logger(logging.getLogger("paho"))  # swallowed callback errors still get logged
-        client.max_inflight_messages_set(64)
-        client.max_queued_messages_set(self._cfg.max_queued_replies)
+        client = make_client(self._cfg, self._client_id, version, persistent=self._persistent, will=self._will)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
-        if self._cfg.username:
-            client.username_pw_set(self._cfg.username, self._cfg.secret())
-        if self._will is not None:
-            client.will_set(self._will.topic, self._will.payload, qos=1, retain=self._will.retain)
         return client
-
-    def _tls_context(self) -> ssl.SSLContext | None:
-        if not self._cfg.endpoint()[2]:
-            return None
-        context = ssl.create_default_context(cafile=self._cfg.ca_file)
-        if self._cfg.cert_file:
-            context.load_cert_chain(self._cfg.cert_file, self._cfg.key_file)
-        return context
 
     async def _connect(self, version: str, timeout_s: float, probe: bool) -> tuple[bool, ReasonCode | None]:
         """Connect with one protocol version, retrying refused TCP connects until `timeout_s`.
@@ -187,7 +164,7 @@ class Bus:
         """
         host, port, _ = self._cfg.endpoint()
         client = self._make_client(version)
-        driver = Driver(client, (host, port), self._tls_context(), self._cfg.connect_timeout_s, self._fail)
+        driver = Driver(client, (host, port), tls_context(self._cfg), self._cfg.connect_timeout_s, self._fail)
         self._first_connack = asyncio.get_running_loop().create_future()
         self._client, self._driver = client, driver
         props = None
@@ -260,7 +237,8 @@ class Bus:
     def _fail(self, exc: BaseException | None) -> None:
         """The driver or the reconnect loop died: make `messages()` raise so the process stops loudly."""
         self._failure = exc or RuntimeError("reconnect loop ended")
-        log.critical("bus.failed", exc_info=self._failure)
+        if not isinstance(exc, BusLostError):
+            log.critical("bus.failed", exc_info=self._failure)
         self._inbox.put_nowait(None)
 
     # ---- paho callbacks (on the loop's thread, inside loop_read/loop_write/loop_misc): never raise ----
@@ -285,7 +263,9 @@ class Bus:
             log.warning("bus.disconnected", reason=str(code), client_id=self._client_id)
         self._connected.clear()
         self._unacked.clear()  # the broker redelivers them (persistent session) or forgets them
-        if not self._closing and self._keeper is not None:  # (a refused first attempt is _connect's to handle)
+        if not self._reconnect and not self._closing:  # a borrowed session handed back: end, never fight for it
+            self._fail(BusLostError("the connection was closed and this bus does not reconnect"))
+        elif not self._closing and self._keeper is not None:  # (a refused first attempt is _connect's to handle)
             self._lost.set()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:  # noqa: ANN401
@@ -359,8 +339,10 @@ class Bus:
             raise BusSubscribeError(f"the broker refused the subscription to {', '.join(refused) or 'some filters'}")
 
     async def unsubscribe(self, topics: Iterable[str]) -> None:
-        """Stop receiving these topics."""
-        gone = [t for t in topics if self._subscriptions.pop(t, None) is not None]
+        """Stop receiving these topics (also ones a resumed persistent session holds from an earlier owner)."""
+        gone = list(topics)
+        for topic in gone:
+            self._subscriptions.pop(topic, None)
         if gone and self._client is not None:
             self._client.unsubscribe(gone)
 

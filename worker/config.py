@@ -177,6 +177,9 @@ class WorkerSection(_Section):
     """MQTT 5 shared-subscription group: workers of a group split each project ("" = every worker gets all)."""
     receive_maximum: int | None = Field(None, gt=0)
     """MQTT 5 ReceiveMaximum: unacked requests the broker may hand this worker (None = 2 x max_num_seqs)."""
+    takeover_after_s: float = Field(30.0, ge=0)
+    """A peer whose status says offline this long has its broker session (its queued share) served and
+    ended by one live worker (share group on MQTT 5 with Redis state only; 0 = never)."""
     telemetry_interval_s: float = Field(5.0, gt=0)
     """Period of `vllm-worker/{id}/telemetry` messages."""
     project_telemetry: bool = False

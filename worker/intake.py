@@ -9,6 +9,7 @@ made our own code raise). Then the job table applies the ack policy to it.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import structlog
 
@@ -43,6 +44,7 @@ class Intake:
         pipeline: Pipeline,
         control_topic: str | None = None,
         control: Control | None = None,
+        watch: Callable[[InboundMessage], bool] | None = None,
     ) -> None:
         self._projects = projects
         self._topics = topics
@@ -52,6 +54,8 @@ class Intake:
         self._pipeline = pipeline
         self._control_topic = control_topic
         self._worker_control = control
+        self._watch = watch
+        """Sees every message first (peers' statuses for the takeover); True: it was one, consumed."""
         self._counters: Counter[tuple[str, str]] = pipeline.counters
         self._warned: set[str] = set()
 
@@ -66,7 +70,8 @@ class Intake:
     def take(self, msg: InboundMessage) -> None:
         """Handle one inbound message; never raises (a bug of ours costs this message only)."""
         try:
-            job = self._take(msg)
+            watched = self._watch is not None and self._watch(msg)  # a peer's status (retained by design)
+            job = None if watched else self._take(msg)
         except Exception:
             self._count(self._project_of(msg.topic), "poison")
             log.exception("request.poison", topic=msg.topic[:128], size=len(msg.payload))

@@ -23,7 +23,7 @@ from worker import adapters, protocol
 from worker.adapters import AdapterTable
 from worker.admission import Admission
 from worker.broker import EmbeddedBroker
-from worker.bus import Bus, Will
+from worker.bus import Bus
 from worker.config import WorkerConfig, resolve_path
 from worker.control import Control
 from worker.engine.base import Engine
@@ -31,6 +31,8 @@ from worker.errors import PublishError, ShuttingDownError
 from worker.intake import Intake
 from worker.jobs import JobTable
 from worker.loops import Loops
+from worker.message import InboundMessage
+from worker.mqttclient import Will
 from worker.packets import PACKET_OVERHEAD_BYTES
 from worker.projects import Project
 from worker.protocol import Dialect, Topics
@@ -41,6 +43,7 @@ from worker.serve import Pipeline
 from worker.sessions import SessionStore
 from worker.state import State, open_state
 from worker.status import StatusReporter
+from worker.takeover import Takeover
 
 MAX_PACKET_BYTES = ROUTING_PARSE_LIMIT_BYTES + PACKET_OVERHEAD_BYTES
 """Announced in CONNECT: an oversize request up to the routing-parse limit still reaches us and is
@@ -89,6 +92,8 @@ class Service:
         self._bus: Bus | None = None
         self._sessions: SessionStore | None = None
         self._jobs: JobTable | None = None
+        self._pipeline: Pipeline | None = None
+        self._takeover: Takeover | None = None
         self._adapters = self._status.adapters = AdapterTable()
         self._control_topic = f"{cfg.worker.topic_prefix}vllm-worker/{self.worker_id}/control"
 
@@ -104,7 +109,7 @@ class Service:
             await self._load_adapters(engine, model_config)
             store = await stack.enter_async_context(open_state(self._cfg))
             intake = self._wire(bus, engine, store, model_config)
-            await bus.subscribe(self._control_filters() + self._request_filters())
+            await bus.subscribe(self._control_filters() + self._request_filters() + self._peer_filters())
             self._status.engine_ready = True
             await self._status.publish_status("ready")
             self.ready.set()
@@ -113,6 +118,8 @@ class Service:
             self._loops.start("telemetry", self._status.telemetry_loop())
             self._loops.start("health", self._status.health_loop(self._engine_died))
             self._loops.start("state", store.monitor())
+            if self._takeover is not None:
+                self._loops.start("takeover", self._takeover.run())
             await stop.wait()
             await self._loops.stop("intake", "health")
             await self._drain(bus)
@@ -160,7 +167,7 @@ class Service:
             self._publish_reply, engine.model_name, self.worker_id, w.stream_interval_ms, w.stream_max_tokens
         )
         self._jobs = JobTable(bus.ack, self._admission.release, hold_acks=self._grouped)
-        pipeline = Pipeline(
+        self._pipeline = pipeline = Pipeline(
             engine=engine,
             adapters=self._adapters,
             state=store,
@@ -173,6 +180,7 @@ class Service:
             priority_scheduling=self._cfg.model.scheduling_policy == "priority",
             hold_for_redelivery=self._grouped,
         )
+        self._takeover = self._make_takeover(store)
         return Intake(
             self._projects,
             self._topics,
@@ -180,6 +188,7 @@ class Service:
             admission=self._admission,
             jobs=self._jobs,
             pipeline=pipeline,
+            watch=self._takeover.observe if self._takeover is not None else None,
             control_topic=self._control_topic,
             control=Control(
                 engine,
@@ -193,6 +202,51 @@ class Service:
                 changed=lambda: self._status.publish_status("draining" if self._admission.draining else "ready"),
             ),
         )
+
+    def _make_takeover(self, store: State) -> Takeover | None:
+        """Takeover of dead peers' sessions: a share group on MQTT 5 with fleet state only (see `takeover`)."""
+        w = self._cfg.worker
+        if not (self._grouped and store.backend == "redis" and w.takeover_after_s > 0):
+            return None
+        assert self._bus is not None  # noqa: S101 - wired once the bus is up
+        cfg = self._cfg.broker
+        return Takeover(
+            cfg.model_copy(update={"client_id": None}),
+            self.worker_id,
+            frozenset(self._projects),
+            store,
+            after_s=w.takeover_after_s,
+            status_prefix=f"{w.topic_prefix}vllm-worker/",
+            filters=self._peer_request_filters,
+            intake=self._borrowed_intake,
+            receive_maximum=w.receive_maximum or 2 * self._cfg.model.max_num_seqs,
+        )
+
+    def _borrowed_intake(self, ack: Callable[[InboundMessage], None]) -> tuple[Intake, JobTable]:
+        """The request path again, for the messages of a taken-over session (acked on that session)."""
+        assert self._pipeline is not None  # noqa: S101 - wired before the takeover loop starts
+        jobs = JobTable(ack, self._admission.release, hold_acks=True)
+        intake = Intake(
+            self._projects,
+            self._topics,
+            max_payload_bytes=self._cfg.worker.max_payload_bytes,
+            admission=self._admission,
+            jobs=jobs,
+            pipeline=self._pipeline,
+            watch=self._takeover.observe if self._takeover is not None else None,
+        )
+        return intake, jobs
+
+    def _peer_filters(self) -> list[str]:
+        """Peers' statuses, for the takeover (when it is on)."""
+        return [f"{self._cfg.worker.topic_prefix}vllm-worker/+/status"] if self._takeover is not None else []
+
+    def _peer_request_filters(self, peer: str, projects: frozenset[str]) -> list[str]:
+        """What a peer's session subscribed: its shared request filters, control topics, peers' statuses."""
+        t, group = self._topics, f"$share/{self._cfg.worker.share_group}/"
+        shared = [group + f for p in sorted(projects) for f in (t.user_input(p), t.user_input_sessions(p))]
+        own = [f"{t.prefix}vllm-worker/{peer}/control", *self._peer_filters()]
+        return shared + [f for p in sorted(projects) for f in (t.cancel(p), t.session_reset(p))] + own
 
     async def _intake(self, bus: Bus, intake: Intake) -> None:
         while True:

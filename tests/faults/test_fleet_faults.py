@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from support import Mosquitto, RedisServer, bodies, peer, running_worker
+from support import Mosquitto, RedisServer, bodies, peer, running_worker, wait_ready, worker_subprocess
 
 from worker.client import Client
 from worker.config import BrokerConfig
@@ -222,3 +222,49 @@ async def test_one_cancel_of_a_request_held_by_two_workers_is_answered_once(mosq
         await asyncio.sleep(1.0)  # anything else on its way arrives
     finals = [b for b in bodies(p.received) if b.get("done")]
     assert [b.get("error", {}).get("code") for b in finals] == ["cancelled"]
+
+
+async def test_a_dead_workers_queued_share_is_served_by_the_others_within_the_takeover_bound(
+    mosquitto, redis_server, tmp_path
+):
+    """Mosquitto keeps a SIGKILLed worker's place in the share group: its share queues for session_expiry_s.
+    A live worker takes the dead one's session over after `takeover_after_s` (2 s here), serves the queue
+    and ends the session; then every request is answered, v2 and classic."""
+    env = {
+        "VLLM_WORKER_STATE__URL": redis_server.url,
+        "VLLM_WORKER_STATE__LEASE_S": "1.5",
+        "VLLM_WORKER_WORKER__TAKEOVER_AFTER_S": "2",
+    }
+    logs = {w: tmp_path / f"{w}.log" for w in ("alive", "dead")}
+    with (
+        worker_subprocess(mosquitto.url, "alive", ["maze"], log_path=logs["alive"], **env) as alive,
+        worker_subprocess(mosquitto.url, "dead", ["maze"], log_path=logs["dead"], **env) as dead,
+    ):
+        await wait_ready(mosquitto.port, "alive", "dead")
+        dead.kill()
+        dead.wait(10)
+        killed = time.monotonic()
+        async with (
+            Client(BrokerConfig(url=mosquitto.url), client_id="app") as c,
+            peer(mosquitto.port, ["maze/assistant_response/+"], client_id="classic", protocol="5") as p,
+        ):
+            v2 = [
+                c.ask("maze", f"q{i}", session=f"s{i}", request_id=f"r{i}", timeout_s=60, retries=0) for i in range(20)
+            ]
+            for i in range(4):
+                await p.publish("maze/user_input", {"message": f"classic {i}", "sessionId": f"k{i}"})
+            replies = await asyncio.gather(*v2)
+            await p.wait_for(lambda got: len(got) >= 4, timeout_s=60)
+            served_s = time.monotonic() - killed
+        deadline = time.monotonic() + 15  # the session ends once its queue was quiet for a moment
+        while "takeover.done" not in logs["alive"].read_text():
+            assert time.monotonic() < deadline, logs["alive"].read_text()[-3000:]
+            await asyncio.sleep(0.2)
+        async with Client(BrokerConfig(url=mosquitto.url), client_id="app2") as c:  # the group forgot the dead one
+            after = [c.ask("maze", f"a{i}", session=f"a{i}", timeout_s=10, retries=0) for i in range(10)]
+            assert [r.error_code for r in await asyncio.gather(*after)] == [None] * 10
+        assert alive.poll() is None
+    assert [r.error_code for r in replies] == [None] * 20
+    assert sorted(m.topic for m in p.received) == [f"maze/assistant_response/k{i}" for i in range(4)]
+    assert "request.unroutable" not in logs["alive"].read_text()
+    print(f"every request answered {served_s:.1f} s after the SIGKILL (takeover after 2 s)")
