@@ -138,6 +138,7 @@ def serve(argv: Sequence[str]) -> int:
                 SCRIPTS.get(script, SCRIPTS["echo"]),
                 token_delay_s=float(os.environ.get("VLLM_WORKER_FAKE_TOKEN_DELAY_S", "0")),
                 log_generations=script == "history",
+                start_s=float(os.environ.get("VLLM_WORKER_FAKE_START_S", "0")),
             )
         else:
             from worker.engine.vllm import VllmEngine  # noqa: PLC0415

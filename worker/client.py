@@ -24,6 +24,10 @@ from worker.bus import Bus
 from worker.config import BrokerConfig
 from worker.protocol import Topics
 
+MAX_WORKERS_TRACKED = 1024
+STATUS_GRACE_S = 0.5
+"""Retained statuses arrive right after subscribing: only after this long is a client said to wait."""
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:
@@ -81,6 +85,9 @@ class Client:
         self._inboxes: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._watcher: Callable[[str, bytes], object] | None = None
+        self._status_prefix = f"{topic_prefix}vllm-worker/"
+        self._ready: dict[str, frozenset[str]] = {}  # worker -> projects, for workers whose status is ready
+        self._status_changed = asyncio.Event()
 
     async def __aenter__(self) -> Self:
         await self._bus.__aenter__()
@@ -101,6 +108,8 @@ class Client:
         while True:
             msg = await self._bus.messages()
             self._bus.ack(msg)
+            if msg.topic.startswith(self._status_prefix) and msg.topic.endswith("/status"):
+                self._note_status(msg.topic, msg.payload)
             if self._watcher is not None and msg.topic not in self._subscribed:
                 self._watcher(msg.topic, msg.payload)  # e.g. FleetState.handle: validates, never raises
                 continue
@@ -116,6 +125,43 @@ class Client:
             key = str(body["requestId"]) if body.get("requestId") else f"reset:{body.get('sessionId')}"
             if (inbox := self._inboxes.get(key)) is not None:
                 inbox.put_nowait(body)
+
+    def _note_status(self, topic: str, payload: bytes) -> None:
+        """Track which workers are ready for which projects (bounded: MAX_WORKERS_TRACKED)."""
+        worker = topic[len(self._status_prefix) : -len("/status")]
+        self._ready.pop(worker, None)
+        try:
+            body = json.loads(payload) if payload else {}
+        except (ValueError, UnicodeDecodeError):
+            body = {}
+        projects = body.get("projects") if isinstance(body, dict) else None
+        if isinstance(body, dict) and body.get("state") == "ready" and isinstance(projects, list):
+            self._ready[worker] = frozenset(p for p in projects if isinstance(p, str))
+            while len(self._ready) > MAX_WORKERS_TRACKED:
+                del self._ready[next(iter(self._ready))]
+        self._status_changed.set()
+
+    async def wait_for_worker(
+        self, project: str, timeout_s: float, on_wait: Callable[[], object] | None = None
+    ) -> None:
+        """Return once some worker's retained status says `ready` and lists `project`.
+
+        A request published before any worker subscribed is dropped by the broker (nobody takes it): an app
+        that starts with its fleet waits here first. `on_wait` is called once when no worker is ready at
+        once (e.g. to print "waiting for a worker..."); raises TimeoutError after `timeout_s`.
+        """
+        await self._bus.subscribe([f"{self._status_prefix}+/status"])
+        async with asyncio.timeout(timeout_s):
+            waited = False
+            while not any(project in projects for projects in self._ready.values()):
+                self._status_changed.clear()
+                try:
+                    async with asyncio.timeout(STATUS_GRACE_S):
+                        await self._status_changed.wait()
+                except TimeoutError:
+                    if on_wait is not None and not waited:
+                        on_wait()
+                    waited = True
 
     async def watch(self, filters: list[str], handler: Callable[[str, bytes], object]) -> None:
         """Also subscribe `filters` and hand their messages to `handler` (one connection for a console)."""

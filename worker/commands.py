@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import contextlib
 import getpass
+import math
 import os
 import re
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -17,6 +19,9 @@ from typing import Any
 from worker.config import ROOT, BrokerConfig
 from worker.errors import ConfigError
 from worker.terminal import EXIT_CONFIG, say
+
+RESEND_S = 10.0
+"""`ask` sends its request again this often while no final reply came (a worker that restarted lost it)."""
 
 
 def ask(argv: Sequence[str]) -> int:
@@ -51,9 +56,19 @@ def ask(argv: Sequence[str]) -> int:
         # live in their clientId's namespace); a fresh MQTT connection id each time, so two never collide.
         client_id = args.client_id or username or _cli_identity()
         async with Client(broker, client_id, connection_id=f"{client_id}-{uuid.uuid4().hex[:8]}") as client:
-            if not args.stream:
+            started = time.monotonic()
+            await client.wait_for_worker(
+                args.project, args.timeout, on_wait=lambda: say(f"waiting for a worker serving {args.project}...")
+            )
+            left_s = max(1.0, args.timeout - (time.monotonic() - started))
+            if not args.stream:  # resent every RESEND_S with the same requestId (dedupe makes it safe)
                 reply = await client.ask(
-                    args.project, args.message, session=args.session, timeout_s=args.timeout, **fields
+                    args.project,
+                    args.message,
+                    session=args.session,
+                    timeout_s=min(left_s, RESEND_S),
+                    retries=max(0, math.ceil(left_s / RESEND_S) - 1),
+                    **fields,
                 )
             else:
                 final = None

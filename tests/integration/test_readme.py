@@ -12,7 +12,7 @@ import subprocess
 from typing import Any
 
 import pytest
-from support import ROOT, running_worker
+from support import ROOT, free_port, running_worker, wait_port
 
 README = (ROOT / "README.md").read_text()
 
@@ -90,3 +90,29 @@ def _until_line(stream: Any, marker: str) -> None:
             return
     msg = f"mosquitto_sub ended before printing {marker!r}"
     raise AssertionError(msg)
+
+
+def test_an_ask_typed_while_the_worker_starts_waits_for_it_and_is_answered():
+    """`make run` in one terminal, `vllm-worker ask` in the second before the engine is up (the broker already
+    listens): the request would reach a broker nobody subscribed on yet and be dropped. The ask waits for a
+    worker whose status is ready for the project, then asks: the events come in that order."""
+    port = free_port()
+    env = {**os.environ, "VLLM_WORKER_FAKE_START_S": "3", "VLLM_WORKER_BROKER__EMBEDDED_PORT": str(port)}
+    worker = subprocess.Popen(
+        [str(ROOT / ".venv/bin/vllm-worker"), "--engine", "fake", "--projects", "maze"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port, worker)  # the broker listens; the engine is still starting
+        ask = shell_lines((".venv/bin/vllm-worker ask",))[0]
+        argv = [str(ROOT / shlex.split(ask)[0]), *shlex.split(ask)[1:], "--broker", f"mqtt://127.0.0.1:{port}"]
+        out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        worker.terminate()
+        worker.wait(20)
+    assert out.returncode == 0, out.stderr
+    assert "waiting for a worker serving maze..." in out.stderr  # said while the engine started
+    assert out.stdout.strip() == "echo 1: Which way is out?"  # then answered, once

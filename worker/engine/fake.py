@@ -72,8 +72,11 @@ class FakeEngine:
         model_name: str = "fake-model",
         *,
         log_generations: bool = False,
+        start_s: float = 0.0,
     ) -> None:
         self._script = script
+        self._start_s = start_s
+        """How long entering takes (a real engine loads for 10 s to minutes: start-up races are tested with it)."""
         self._log_generations = log_generations
         self._token_delay_s = token_delay_s
         self._fail_after = fail_after
@@ -105,6 +108,7 @@ class FakeEngine:
         return "none"
 
     async def __aenter__(self) -> Self:
+        await asyncio.sleep(self._start_s)
         return self
 
     async def __aexit__(
