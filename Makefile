@@ -9,7 +9,7 @@ EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(EXTRA)
 PROJECTS ?= maze driving
 
-.PHONY: install run test lint unit e2e model clean mosquitto bench examples
+.PHONY: install run test lint unit e2e model clean mosquitto bench examples screenshots
 
 install: $(STAMP)
 
@@ -36,22 +36,11 @@ mosquitto:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SERVERS) >/dev/null; \
 		else echo "missing: sudo apt-get install $(SERVERS) (their tests are skipped without them)" >&2; fi; }
 
-# examples/ tests: umqtt.simple from PyPI (an sdist pip cannot install: fetched and checked by hash)
-# and Node-RED 4 (5 needs Node.js 22; Debian 12 has 18-20) from npm, into .cache/. Without npm the
-# Node-RED test says so and is skipped.
-UMQTT_URL := https://files.pythonhosted.org/packages/bd/cf/697e3418b2f44222b3e848078b1e33ee76aedca9b6c2430ca1b1aec1ce1d/micropython-umqtt.simple-1.3.4.tar.gz
-UMQTT_SHA256 := b6a2520239e3992c63a7de9370ee9b3d9d27819a90359c521f1c0f7ccab8d12f
+# examples/ tests: Node-RED 4 (5 needs Node.js 22; Debian 12 has 18-20) from npm, into .cache/. Without
+# npm the Node-RED test says so and is skipped. umqtt.simple is vendored (examples/micropython/umqtt/).
 NODE_RED_VERSION := 4.1.8
 
-examples: .cache/umqtt/umqtt/simple.py .cache/node-red/.installed-$(NODE_RED_VERSION)
-
-.cache/umqtt/umqtt/simple.py:
-	@mkdir -p .cache/umqtt/umqtt
-	$(PYTHON) -c "import hashlib, io, sys, tarfile, urllib.request; \
-		data = urllib.request.urlopen('$(UMQTT_URL)', timeout=60).read(); \
-		assert hashlib.sha256(data).hexdigest() == '$(UMQTT_SHA256)', 'umqtt.simple: hash mismatch'; \
-		member = tarfile.open(fileobj=io.BytesIO(data)).extractfile('micropython-umqtt.simple-1.3.4/umqtt/simple.py'); \
-		open('$@', 'wb').write(member.read())"
+examples: .cache/node-red/.installed-$(NODE_RED_VERSION)
 
 .cache/node-red/.installed-$(NODE_RED_VERSION):
 	@if command -v npm >/dev/null; then \
@@ -79,6 +68,11 @@ e2e: model
 test: model mosquitto examples lint
 	@$(BIN)/pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: FAILED: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The README's console screenshots (docs/console-*.png): tests write theirs to a temporary directory, so
+# only this refreshes the tracked ones, on purpose (needs chromium + chromium-driver: `make mosquitto`).
+screenshots: install mosquitto
+	VLLM_WORKER_SCREENSHOTS_DIR=$(CURDIR)/docs $(BIN)/pytest -q tests/integration/test_console.py
 
 # Side-by-side benchmark (several minutes; not part of the tests): see README "Benchmarks".
 bench: model mosquitto

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from worker.config import ROOT
 from worker.errors import ConfigError
+from worker.models import make_readable
 
 QUANT_VENV = ROOT / ".venv-quant"
 # The CPU torch wheel the machine's pip finds locally; auto-round runs on it.
@@ -65,6 +66,7 @@ def quantize(src: Path, out: Path, method: str, say: Say) -> Path:
     if not (src / "config.json").is_file():
         raise ConfigError(f"{src} is not a HF model directory (no config.json); run `vllm-worker model prepare`")
     if is_done(out, src, method):
+        make_readable(out)  # also repairs what an earlier version left 0600
         say(f"{method} checkpoint ready at {out} (cached)")
         return out
     python = ensure_venv(say)
@@ -73,6 +75,7 @@ def quantize(src: Path, out: Path, method: str, say: Say) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     _run([str(python), str(TOOL), str(src), str(out), "--format", FORMATS[method]], f"auto-round {method}")
     (out / MARKER).write_text(json.dumps({"source": str(src.resolve()), "method": method}), encoding="utf-8")
+    make_readable(out)  # safetensors wrote 0600: the container's non-root user must read it
     say(f"{method} checkpoint ready at {out} ({time.perf_counter() - started:.0f} s)")
     return out
 
@@ -95,6 +98,7 @@ def demo_adapter(project: str, src: Path, adapters_dir: Path, say: Say) -> Path:
     except (OSError, json.JSONDecodeError):
         meta = {}
     if meta.get("base") == src.name and (out / "adapter_model.safetensors").is_file():
+        make_readable(out)  # also repairs what an earlier version left 0600
         say(f"adapter ready at {out} (cached)")
         return out
     say(f"training the {project} demo adapter on {src.name} with PEFT (LoRA rank 8, ~1 min on 2 cores)")
@@ -107,6 +111,7 @@ def demo_adapter(project: str, src: Path, adapters_dir: Path, say: Say) -> Path:
         err = proc.stderr.read() if proc.stderr else ""
     if proc.returncode != 0:
         raise ConfigError(f"training the adapter failed (exit {proc.returncode}):\n{err[-2000:]}")
+    make_readable(out)  # PEFT's safetensors are 0600: the worker may run as another user
     shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     say(f'adapter ready at {out}: set `adapter = "{shown}"` in topics/{project}.toml')
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -23,6 +24,37 @@ DEMO_DIR = "models/smollm2-135m-instruct"
 MARKER = ".vllm-worker-demo.json"
 
 Progress = Callable[[str], None]
+READABLE_FILE, READABLE_DIR = 0o644, 0o755
+
+
+def make_readable(root: Path) -> None:
+    """Add world-read (and directory search) bits to everything under `root`, whatever the umask.
+
+    safetensors writes through a 0600 tempfile and mkdtemp makes 0700, so a tree prepared as root would
+    be unreadable to the container's non-root user or a systemd `User=`. Only missing bits are added
+    (a readable tree on a read-only mount is left alone); symlinks are not followed.
+    """
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    try:
+        _widen(root, READABLE_DIR)
+        for top, dirs, files in os.walk(root, onerror=fail):
+            for name in dirs:
+                _widen(Path(top, name), READABLE_DIR)
+            for name in files:
+                _widen(Path(top, name), READABLE_FILE)
+    except OSError as exc:
+        raise ConfigError(f"cannot make {root} readable to other users: {exc}") from exc
+
+
+def _widen(path: Path, bits: int) -> None:
+    if path.is_symlink():
+        return
+    mode = path.stat().st_mode & 0o7777
+    if mode | bits != mode:
+        path.chmod(mode | bits)
 
 
 def demo_gguf_path() -> Path:
@@ -54,6 +86,7 @@ def prepare_demo(out_dir: Path, dtype: str = "bfloat16", progress: Progress | No
     """Convert the bundled GGUF to a HF dir at `out_dir` (idempotent, atomic rename at the end)."""
     say = progress or (lambda _msg: None)
     if is_prepared(out_dir, dtype):
+        make_readable(out_dir)  # also repairs a tree an earlier version left 0600
         say(f"demo model ready at {out_dir}")
         return out_dir
     gguf = demo_gguf_path()
@@ -80,8 +113,8 @@ def prepare_demo(out_dir: Path, dtype: str = "bfloat16", progress: Progress | No
         model.save_pretrained(tmp)
         say("writing tokenizer")
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-        tmp.chmod(0o755)
         (tmp / MARKER).write_text(json.dumps({"source": DEMO_GGUF, "dtype": dtype}), encoding="utf-8")
+        make_readable(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

@@ -1,7 +1,8 @@
 """`vllm-worker console` in a real headless Chromium (Debian chromium + chromium-driver, Selenium): the
 fleet page lists a fake-engine worker on a real Mosquitto and its charts move; the playground streams an
 answer equal to the final reply, keeps the session, resets and cancels; a hostile worker id is shown as
-text and runs nothing. Screenshots of both pages go to docs/ (the README shows them)."""
+text and runs nothing. Screenshots of both pages go to a temporary directory, or to
+$VLLM_WORKER_SCREENSHOTS_DIR: `make screenshots` points it at docs/ to refresh the README's on purpose."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from support import ROOT, Mosquitto, free_port, peer, wait_port, wait_ready, wor
 from worker.reports import StatusReport
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-DOCS = ROOT / "docs"
 HOSTILE = '<img src=x onerror="window.__pwned=1">'
 
 
@@ -74,6 +74,15 @@ def lab() -> Iterator[dict[str, Any]]:
     broker.stop()
 
 
+@pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    """Where screenshots go: never docs/ unless asked (a test run must not dirty tracked files)."""
+    chosen = os.environ.get("VLLM_WORKER_SCREENSHOTS_DIR")
+    folder = Path(chosen) if chosen else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def wait(what: Callable[[], object], timeout_s: float = 15.0) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -84,7 +93,7 @@ def wait(what: Callable[[], object], timeout_s: float = 15.0) -> Any:
         time.sleep(0.1)
 
 
-def test_the_fleet_page_lists_the_worker_and_its_charts_move(lab):
+def test_the_fleet_page_lists_the_worker_and_its_charts_move(lab, screenshots):
     driver, by = lab["driver"], _by()
     driver.get(lab["url"] + "/")
 
@@ -100,11 +109,10 @@ def test_the_fleet_page_lists_the_worker_and_its_charts_move(lab):
     assert int(chart.get_attribute("data-points")) >= 2
     assert chart.find_elements(by.TAG_NAME, "canvas")  # uPlot drew it
     time.sleep(3)  # a few more points for the picture
-    DOCS.mkdir(exist_ok=True)
-    driver.save_screenshot(str(DOCS / "console-fleet.png"))
+    assert driver.save_screenshot(str(screenshots / "console-fleet.png"))
 
 
-def test_the_playground_streams_keeps_the_session_resets_and_cancels(lab):
+def test_the_playground_streams_keeps_the_session_resets_and_cancels(lab, screenshots):
     driver, by = lab["driver"], _by()
     driver.get(lab["url"] + "/playground")
     wait(lambda: driver.find_elements(by.CSS_SELECTOR, '#project option[value="maze"]'))
@@ -123,7 +131,7 @@ def test_the_playground_streams_keeps_the_session_resets_and_cancels(lab):
     wait(lambda: second.get_attribute("data-state") == "done")
     assert second.text == "echo 2: and then"  # the session kept the first turn
     assert "TTFT" in driver.find_element(by.ID, "meta").text
-    driver.save_screenshot(str(DOCS / "console-playground.png"))
+    assert driver.save_screenshot(str(screenshots / "console-playground.png"))
     driver.find_element(by.ID, "reset").click()
     wait(lambda: "(session reset)" in driver.find_element(by.ID, "chat").text)
     third = send("start over")

@@ -21,7 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"errors"},
     "parallel": {"errors"},
     "plan": {"adapters", "config", "errors", "parallel"},
-    "checkpoints": {"config", "errors"},
+    "checkpoints": {"config", "errors", "models"},
     "quantization": {"config", "errors"},
     "protocol.topics": {"message"},
     "protocol.payload": {"message"},
