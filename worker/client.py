@@ -258,9 +258,12 @@ class Client:
         await self._bus.publish(self._topics.cancel(project), json.dumps(body).encode())
 
     async def reset(self, project: str, session: str, timeout_s: float = 10.0) -> bool:
-        """Forget a session's history on the worker; True once the worker confirmed."""
+        """Forget a session's history on the worker; True once the worker confirmed.
+
+        The reset carries a requestId, so a fleet applies it once: a late copy never wipes later turns.
+        """
         async with self._inbox(project, f"reset:{session}") as inbox:
-            body = {"v": 2, "sessionId": session, "clientId": self.client_id}
+            body = {"v": 2, "sessionId": session, "clientId": self.client_id, "requestId": uuid.uuid4().hex}
             await self._bus.publish(self._topics.session_reset(project), json.dumps(body).encode())
             try:
                 async with asyncio.timeout(timeout_s):

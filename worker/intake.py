@@ -20,10 +20,11 @@ from worker.errors import EngineError, RequestCancelledError, StateUnavailableEr
 from worker.jobs import Job, JobTable
 from worker.message import InboundMessage
 from worker.projects import Project
-from worker.protocol import Cancel, Rejected, Request, Reset, Route, Topics
+from worker.protocol import Cancel, FinalReply, Rejected, Request, Reset, Route, Topics
 from worker.replies import Replier
 from worker.serve import Pipeline, serve
 from worker.sessions import SessionStore
+from worker.state import Claim
 
 log = structlog.get_logger(__name__)
 MAX_WARNED_FIELDS = 256
@@ -146,20 +147,34 @@ class Intake:
         self._jobs.reply(self._reset(command))
 
     async def _reset(self, command: Reset) -> None:
-        """Reset in the session's turn order (after the turn running now); confirm when asked to."""
+        """Reset in the session's turn order (after the turn running now); confirm when asked to.
+
+        A reset with a requestId is applied once fleet-wide (every worker receives resets): the copy that
+        claims it applies and confirms it; any other copy, or a late one, does nothing.
+        """
+        state, key = self._pipeline.state, command.dedupe_key
+        if key is not None and (await state.claim(key)).verdict is not Claim.NEW:
+            self._count(command.project, "duplicate_resets")
+            log.info("session.reset_duplicate", project=command.project, session_id=command.session_id)
+            return
         try:
             existed = await self._sessions.reset(command.session_key)
         except StateUnavailableError as err:
+            if key is not None:
+                await state.abandon(key)  # a retry of the reset may run
             self._count(command.project, "control_failed")
             log.warning("session.reset_failed", project=command.project, reason=err.message)
             if command.confirm is not None:
                 await self._replier.fail(command.confirm, err)
             return
         log.info("session.reset", project=command.project, session_id=command.session_id, existed=existed)
+        body = b""
         if command.confirm is not None:
             route = command.confirm
             body = protocol.v2_message(route, 1, reset=True)
             await self._replier.publish(route.topic, body, route.correlation_data, wait=True)
+        if key is not None:
+            await state.complete(key, FinalReply(command.confirm.topic if command.confirm else "", body, None))
 
     def _cancel(self, command: Cancel) -> None:
         """Only the request's own clientId reaches it: requestIds live in their client's namespace."""

@@ -92,25 +92,15 @@ async def serve(job: Job, p: Pipeline) -> None:
             tokens=outcome.completion_tokens,
         )
     except TimeoutError:
-        await _fail(job, stream, p, ExpiredError(f"deadline of {request.deadline_ms} ms passed"))
+        if not await _silent_copy(job, p, stream):
+            await _fail(job, stream, p, ExpiredError(f"deadline of {request.deadline_ms} ms passed"))
     except WorkerError as err:
         await _fail(job, stream, p, err)
     except EngineDeadError:
         p.on_engine_death()
         await _fail(job, stream, p, EngineError("the engine stopped"))
     except asyncio.CancelledError:
-        reason = job.cancel_reason or ShuttingDownError()
-        if job.awaiting_claim and not await _take_over(job, p, stream):
-            p.counters[(request.route.project, "duplicates")] += 1  # the holder answers (it got the cancel too)
-            job.finished_silently = True
-        elif isinstance(reason, RequestCancelledError) and request.route.dialect is Dialect.CLASSIC:
-            p.counters[(request.route.project, "cancelled")] += 1  # classic: nothing further (PROTOCOL 4)
-            job.finished_silently = True
-        elif isinstance(reason, ShuttingDownError) and p.hold_for_redelivery:
-            p.counters[(request.route.project, "left_for_redelivery")] += 1  # unacked: back after a restart
-            job.left_for_redelivery = True
-        else:
-            await _fail(job, stream, p, reason)
+        await _stopped(job, p, stream)
         raise
     except Exception:
         p.counters[(request.route.project, "internal_errors")] += 1  # a bug of ours: the battery asserts 0
@@ -220,6 +210,34 @@ def _hold(job: Job, p: Pipeline, stream: Stream) -> None:
     job.awaiting_claim = False
     job.claimed = True
     stream.before_final = lambda final, code: _settle_claim(job, p, final, code)
+
+
+async def _stopped(job: Job, p: Pipeline, stream: Stream) -> None:
+    """A cancel or the drain stopped the job: answer why, or nothing (PROTOCOL 4, redelivery, a waiting copy)."""
+    request = job.request
+    reason = job.cancel_reason or ShuttingDownError()
+    if await _silent_copy(job, p, stream):
+        return  # the holder answers (a cancel reaches every worker)
+    if isinstance(reason, RequestCancelledError) and request.route.dialect is Dialect.CLASSIC:
+        p.counters[(request.route.project, "cancelled")] += 1  # classic: nothing further (PROTOCOL 4)
+        job.finished_silently = True
+    elif isinstance(reason, ShuttingDownError) and p.hold_for_redelivery:
+        p.counters[(request.route.project, "left_for_redelivery")] += 1  # unacked: back after a restart
+        job.left_for_redelivery = True
+    else:
+        await _fail(job, stream, p, reason)
+
+
+async def _silent_copy(job: Job, p: Pipeline, stream: Stream) -> bool:
+    """True: a copy stopped while it waited for another copy's claim stays silent (the holder answers).
+
+    Stopped by a cancel, the drain or its deadline; it answers only if it could take the claim over.
+    """
+    if not job.awaiting_claim or await _take_over(job, p, stream):
+        return False
+    p.counters[(job.request.route.project, "duplicates")] += 1
+    job.finished_silently = True
+    return True
 
 
 async def _take_over(job: Job, p: Pipeline, stream: Stream) -> bool:

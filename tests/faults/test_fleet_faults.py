@@ -268,3 +268,40 @@ async def test_a_dead_workers_queued_share_is_served_by_the_others_within_the_ta
     assert sorted(m.topic for m in p.received) == [f"maze/assistant_response/k{i}" for i in range(4)]
     assert "request.unroutable" not in logs["alive"].read_text()
     print(f"every request answered {served_s:.1f} s after the SIGKILL (takeover after 2 s)")
+
+
+async def test_a_copy_waiting_on_the_claim_whose_deadline_passes_answers_nothing(mosquitto, redis_server):
+    engine_a, engine_b = FakeEngine(history_script, token_delay_s=0.1), FakeEngine(history_script, token_delay_s=0.1)
+    state = {"url": redis_server.url, "lease_s": 3.0}
+    async with (
+        running_worker(engine_a, projects=["maze"], broker_url=mosquitto.url, state=state, worker={"id": "wa"}),
+        running_worker(engine_b, projects=["maze"], broker_url=mosquitto.url, state=state, worker={"id": "wb"}),
+        peer(mosquitto.port, ["maze/response/app"], protocol="5") as p,
+    ):
+        body = {"v": 2, "clientId": "app", "sessionId": "s", "requestId": "late", "message": LONG, "deadlineMs": 1500}
+        for _ in range(2):  # both copies run out of time: the holder while generating, the other while waiting
+            await p.publish("maze/user_input", body)
+        await p.wait_for(lambda got: any(b.get("done") for b in bodies(got)), timeout_s=10)
+        await asyncio.sleep(1.5)  # anything else on its way arrives
+    finals = [b for b in bodies(p.received) if b.get("done")]
+    assert [b.get("error", {}).get("code") for b in finals] == ["expired"]
+
+
+async def test_a_reset_is_applied_and_confirmed_once_and_a_late_copy_wipes_nothing(mosquitto, redis_server):
+    state = {"url": redis_server.url, "lease_s": 3.0}
+    engines = [FakeEngine(history_script), FakeEngine(history_script)]
+    async with (
+        running_worker(engines[0], projects=["maze"], broker_url=mosquitto.url, state=state, worker={"id": "wa"}),
+        running_worker(engines[1], projects=["maze"], broker_url=mosquitto.url, state=state, worker={"id": "wb"}),
+        Client(BrokerConfig(url=mosquitto.url), client_id="app") as c,
+        peer(mosquitto.port, ["maze/response/app"], protocol="5") as p,
+    ):
+        assert await ask(c, "t1", "r1") == ("ok", "history: t1")
+        reset = {"v": 2, "clientId": "app", "sessionId": "s", "requestId": "reset-1"}
+        await p.publish("maze/session/reset", reset)  # every worker receives it
+        await p.wait_for(lambda got: any(b.get("reset") for b in bodies(got)))
+        assert await ask(c, "t2", "r2") == ("ok", "history: t2")
+        await p.publish("maze/session/reset", reset)  # a late copy (queued for a paused worker, redelivered)
+        await asyncio.sleep(0.5)
+        assert await ask(c, "t3", "r3") == ("ok", "history: t2 | t3")  # nothing wiped
+    assert sum(1 for b in bodies(p.received) if b.get("reset")) == 1  # confirmed once, by one worker

@@ -116,3 +116,12 @@ def test_an_ask_typed_while_the_worker_starts_waits_for_it_and_is_answered():
     assert out.returncode == 0, out.stderr
     assert "waiting for a worker serving maze..." in out.stderr  # said while the engine started
     assert out.stdout.strip() == "echo 1: Which way is out?"  # then answered, once
+
+
+async def test_the_fleet_snapshot_of_the_tour_lists_the_worker():
+    lines = [line for line in shell_lines((".venv/bin/vllm-worker fleet",)) if "--once" in line]
+    assert len(lines) == 1, lines
+    async with running_worker(projects=["maze"]) as w:
+        out = await run(lines[0], w.port)
+    assert "test-worker" in out
+    assert "ready" in out

@@ -79,6 +79,7 @@ ALLOWED: dict[str, set[str]] = {
         "replies",
         "serve",
         "sessions",
+        "state",
     },
     "packets": set(),
     "pahoio": {"packets"},

@@ -127,11 +127,21 @@ class Reset:
     session_id: str
     client_id: str | None
     confirm: Route | None
+    request_id: str | None = None
+    """With one, the reset is applied once fleet-wide: a late copy (queued for a paused or reconnecting
+    worker, redelivered, or received by every worker) is ignored instead of wiping later turns."""
 
     @property
     def session_key(self) -> tuple[str, str, str]:
         """The history key it resets (see `Request.session_key`)."""
         return self.project, self.client_id or "", self.session_id
+
+    @property
+    def dedupe_key(self) -> tuple[str, str, str] | None:
+        """Its key in the requestId dedupe (`reset:` keeps it apart from requests), or None without an id."""
+        if self.request_id is None:
+            return None
+        return self.project, self.client_id or "", f"reset:{self.request_id}"
 
 
 class Rejected(Exception):  # noqa: N818 - it is an outcome, not an error of ours

@@ -348,6 +348,9 @@ def _control(msg: InboundMessage, kind: str, project: str, topics: Topics) -> Ca
     session = body.get("sessionId")
     if not is_valid_id(session):
         raise BadRequestError("session reset needs a valid sessionId")
+    reset_id = body.get("requestId")
+    if reset_id is not None and not is_valid_id(reset_id):
+        raise BadRequestError("requestId must be 1-128 chars of [A-Za-z0-9_.:-]")
     confirm = None
     if body.get("v") == 2 or msg.response_topic is not None:  # noqa: PLR2004
         topic = topics.v2_reply(project, client_id or str(session))
@@ -357,4 +360,4 @@ def _control(msg: InboundMessage, kind: str, project: str, topics: Topics) -> Ca
                 raise BadRequestError(f"Response Topic must be a plain topic under {prefix}")
             topic = msg.response_topic
         confirm = Route(project, Dialect.V2, topic, str(session), client_id, None, msg.correlation_data)
-    return Reset(project, str(session), client_id, confirm)
+    return Reset(project, str(session), client_id, confirm, reset_id)
