@@ -15,8 +15,9 @@ import contextlib
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 
@@ -49,6 +50,7 @@ TRANSIENT = {
 """Errors a retry with the same requestId may get past: never cached as its final reply."""
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +84,7 @@ async def serve(job: Job, p: Pipeline) -> None:
         outcome = await _answer(job, p, stream)
         if outcome is None:
             return
-        _sent(job, p, await stream.finish(outcome))
+        _sent(job, p, await _to_the_end(stream.finish(outcome)))  # recorded: only this answer may go out
         log.info(
             "request.done",
             project=request.route.project,
@@ -134,23 +136,28 @@ async def _answer(job: Job, p: Pipeline, stream: Stream) -> Outcome | None:
 
 
 async def _record(p: Pipeline, request: Request, text: str, fence: Fence) -> None:
-    """Record the turn to its end, whatever happens to this task meanwhile (see `_answer`).
+    """Record the turn to its end (see `_answer`): recorded, or `StateUnavailableError` when certainly not."""
+    await _to_the_end(p.sessions.record(request, text, fence))
 
-    A cancel or the drain arriving now is too late to matter: it is taken back, and the turn is answered
-    as recorded, or failed as not recorded (`StateUnavailableError`).
+
+async def _to_the_end(step: Awaitable[T]) -> T:
+    """Await `step` to its end, whatever happens to this task meanwhile.
+
+    Recording a turn and sending its final reply are the point of no return: a cancel or the drain arriving
+    then is too late to matter. It is taken back (`uncancel`), so the client hears the one outcome that
+    happened, never "cancelled" for a turn that was recorded, nor a second final after the first went out.
     """
-    task = asyncio.ensure_future(p.sessions.record(request, text, fence))  # supervised: awaited to its end here
-    while True:
+    task = asyncio.ensure_future(step)  # supervised: awaited to its end here
+    while not task.done():
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
-            if task.done():
+            if task.cancelled():
                 raise
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
-            continue
-        return
+    return task.result()
 
 
 def _recorded(request: Request, text: str) -> Outcome:
@@ -316,7 +323,7 @@ async def _fail(job: Job, stream: Stream, p: Pipeline, error: WorkerError) -> No
     if error.code is ErrorCode.RATE_LIMITED:
         p.counters[(stream.route.project, "rejected")] += 1
     log.info("request.failed_reply", project=stream.route.project, code=str(error.code))
-    _sent(job, p, await stream.fail(error))
+    _sent(job, p, await _to_the_end(stream.fail(error)))
 
 
 def _remaining_s(request: Request) -> float | None:

@@ -213,6 +213,21 @@ class RedisState:
         await asyncio.sleep(max(0.0, last_deadline + self._offset_err_s + CLOCK_MARGIN_S - time.time()))
         raise StateUnavailableError(retry_after_ms=1000)  # every attempt's deadline passed: none can land now
 
+    async def _retried(self, step: Callable[[], Awaitable[T]]) -> T | None:
+        """An idempotent step, retried through a short outage (`RECORD_ATTEMPTS` op timeouts); None: gave up.
+
+        Caching a final reply or giving a claim back must survive a Redis stall of a few seconds: else the
+        claim lapses uncached and a retry of the requestId is generated again, with another answer.
+        """
+        give_up = time.monotonic() + RECORD_ATTEMPTS * self._op_timeout_s
+        while True:
+            try:
+                return await self._call(step)
+            except StateUnavailableError:
+                if time.monotonic() >= give_up:
+                    return None
+                await asyncio.sleep(min(0.25, self._op_timeout_s / 4))
+
     def _server_ms(self, local_time: float) -> int:
         """A local wall-clock instant on the server's clock (as last measured by `_probe`)."""
         return round(local_time * 1000 + self._offset_ms)
@@ -313,10 +328,8 @@ class RedisState:
         keys = [rkey, *(self._index(project, kind) for kind in ("replies", "reply-sizes", "reply-bytes"))]
         bounds = (self._limits.dedupe_max_entries, self._limits.dedupe_max_bytes)
         args: list[str | int] = [token, encode_final(final), window_ms, *bounds]
-        try:
-            return bool(int(await self._call(lambda: self._complete(keys=keys, args=args))))
-        except StateUnavailableError:  # the claim lapses; a retry finds the turn in the history, if it has one
-            return True
+        verdict = await self._retried(functools.partial(self._complete, keys=keys, args=args))
+        return verdict is None or bool(int(verdict))  # None: not cached, the reply goes out all the same
 
     async def abandon(self, key: DedupeKey) -> bool:
         """See `State.abandon`."""
@@ -326,10 +339,8 @@ class RedisState:
         token = self._claims.pop(key, "")
         rkey = self._request(key)
         self._leases.pop(rkey, None)
-        try:
-            return bool(int(await self._call(lambda: self._abandon(keys=[rkey], args=[token]))))
-        except StateUnavailableError:
-            return True
+        verdict = await self._retried(functools.partial(self._abandon, keys=[rkey], args=[token]))
+        return verdict is None or bool(int(verdict))
 
     # ---- rate limits -----------------------------------------------------------------------------------
     async def take(self, budgets: Sequence[Budget]) -> None:

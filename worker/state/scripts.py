@@ -162,7 +162,9 @@ return keep
 """
 )
 
-# A requestId key holds "c:<token>" while claimed (leased) and "d:<final reply>" once answered.
+# A requestId key holds "c:<token>" while claimed (leased) and "d:<token>|<final reply>" once answered (the
+# token says whose answer it is, so a retried COMPLETE recognises its own; finals are JSON, tokens hold no
+# "|"; a value without a token, "d:{...", is read as the final alone).
 CLAIM = """
 -- KEYS[1] request key; ARGV token, lease_ms -> {'new'} | {'in_flight'} | {'done', final}
 local v = redis.call('GET', KEYS[1])
@@ -170,7 +172,11 @@ if not v then
   redis.call('SET', KEYS[1], 'c:' .. ARGV[1], 'PX', ARGV[2])
   return {'new'}
 end
-if string.sub(v, 1, 2) == 'd:' then return {'done', string.sub(v, 3)} end
+if string.sub(v, 1, 2) == 'd:' then
+  local bar = string.find(v, '|', 3, true)
+  if string.sub(v, 3, 3) == '{' or not bar then return {'done', string.sub(v, 3)} end
+  return {'done', string.sub(v, bar + 1)}
+end
 return {'in_flight'}
 """
 
@@ -184,8 +190,9 @@ COMPLETE = (
 -- KEYS[1] request key, KEYS[2] index (zset), KEYS[3] sizes (hash: request key -> bytes), KEYS[4] their total
 -- ARGV token, final, window_ms, max_entries, max_bytes -> 1 cached, 0 another worker holds it now
 local v = redis.call('GET', KEYS[1])
+local value, window = 'd:' .. ARGV[1] .. '|' .. ARGV[2], tonumber(ARGV[3])
+if v == value then return 1 end  -- cached by an earlier attempt of ours (its reply was lost)
 if v and v ~= 'c:' .. ARGV[1] then return 0 end
-local value, window = 'd:' .. ARGV[2], tonumber(ARGV[3])
 local size = string.len(KEYS[1]) + string.len(value)
 local idx, sizes, now = KEYS[2], KEYS[3], now_ms()
 local total = tonumber(redis.call('GET', KEYS[4])) or 0
