@@ -16,7 +16,7 @@ import json
 import pytest
 from rawmqtt import RawClient, user_properties
 from structlog.testing import capture_logs
-from support import DeployedMosquitto, Peer, RedisServer, bodies, running_worker
+from support import DeployedMosquitto, Peer, RedisServer, bodies, running_worker, until
 
 from worker.bus import Bus
 from worker.config import BrokerConfig
@@ -87,9 +87,10 @@ async def test_01_02_unpublishable_reply_topics_are_bad_request_on_the_senders_t
                 await p.publish("maze/user_input", (raw + '"replyTopic":"maze/response/x\\udc80"}').encode())
             await p.wait_for(lambda _: len(finals(p, "maze/response/mallory")) >= sent + 140, timeout_s=30)
             await still_answers(p, "after")
-            await asyncio.sleep(0)  # let the last final's ack go out
         assert w.service._bus is not None
-        unacked = w.service._bus.unacked
+        service_bus = w.service._bus
+        await until(lambda: service_bus.unacked == 0)  # the last final's PUBACK may still be on its way
+        unacked = service_bus.unacked
         bus_states = [json.loads(m.payload).get("state") for m in watch.received if m.topic.endswith("/status")]
         await bus.__aexit__(None, None, None)
     codes = [code_of(b) for b in finals(p, "maze/response/mallory")]

@@ -15,7 +15,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from support import running_worker
+from support import running_worker, until
 
 import worker
 from worker.bus import Bus
@@ -74,12 +74,16 @@ async def test_no_allocation_site_in_the_worker_grows_with_requests():
         reader = asyncio.create_task(sub.read())
         await bus.subscribe(["general/response/+"])
         await run_batch(sub, 0)  # warm-up: fills every bounded structure
+        jobs = w.service._jobs
+        assert jobs is not None
         tracemalloc.start(8)
         try:
             await run_batch(sub, BATCH)
+            await until(lambda: len(jobs) == 0)  # quiescent: a job whose answer was read may still be settling
             gc.collect()
             first = worker_sites(tracemalloc.take_snapshot())
             await run_batch(sub, 2 * BATCH)
+            await until(lambda: len(jobs) == 0)
             gc.collect()
             second = worker_sites(tracemalloc.take_snapshot())
         finally:
