@@ -10,13 +10,14 @@ The fake engine answers `history: u1 | u2 | ...`, the user turns its prompt held
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from support import Mosquitto, RedisServer, bodies, peer, running_worker, wait_ready, worker_subprocess
+from support import Mosquitto, Peer, RedisServer, bodies, peer, running_worker, wait_ready, worker_subprocess
 
 from worker.client import Client
 from worker.config import BrokerConfig
@@ -204,19 +205,28 @@ async def test_a_holder_whose_lease_lapsed_records_nothing_and_its_claim_passes(
             renew.cancel()
 
 
-async def test_one_cancel_of_a_request_held_by_two_workers_is_answered_once(mosquitto, redis_server):
-    engine_a, engine_b = FakeEngine(history_script, token_delay_s=0.1), FakeEngine(history_script, token_delay_s=0.1)
+@contextlib.asynccontextmanager
+async def two_workers(
+    mosquitto: Mosquitto, redis_server: RedisServer, token_delay_s: float = 0.1
+) -> AsyncIterator[tuple[list[FakeEngine], Peer]]:
+    """Workers wa and wb in one share group on Mosquitto + Redis (history oracle), and a peer reading app's replies."""
+    engines = [FakeEngine(history_script, token_delay_s=token_delay_s) for _ in range(2)]
     state = {"url": redis_server.url, "lease_s": 3.0}
     async with (
-        running_worker(engine_a, projects=["maze"], broker_url=mosquitto.url, state=state, worker={"id": "wa"}),
-        running_worker(engine_b, projects=["maze"], broker_url=mosquitto.url, state=state, worker={"id": "wb"}),
+        running_worker(engines[0], projects=["maze"], broker_url=mosquitto.url, state=state, worker={"id": "wa"}),
+        running_worker(engines[1], projects=["maze"], broker_url=mosquitto.url, state=state, worker={"id": "wb"}),
         peer(mosquitto.port, ["maze/response/app"], protocol="5") as p,
     ):
+        yield engines, p
+
+
+async def test_one_cancel_of_a_request_held_by_two_workers_is_answered_once(mosquitto, redis_server):
+    async with two_workers(mosquitto, redis_server) as (engines, p):
         body = {"v": 2, "clientId": "app", "sessionId": "s", "requestId": "dup", "message": LONG, "maxTokens": 400}
         for _ in range(2):  # a retry while the first copy runs: the share group hands it to the other worker
             await p.publish("maze/user_input", body)
         await asyncio.sleep(0.5)  # both copies taken: one generates, one waits on the claim
-        assert engine_a.running + engine_b.running == 1
+        assert sum(e.running for e in engines) == 1
         await p.publish("maze/cancel", {"requestId": "dup", "clientId": "app"})
         await p.wait_for(lambda got: any(b.get("done") for b in bodies(got)), timeout_s=10)
         await asyncio.sleep(1.0)  # anything else on its way arrives
@@ -271,13 +281,7 @@ async def test_a_dead_workers_queued_share_is_served_by_the_others_within_the_ta
 
 
 async def test_a_copy_waiting_on_the_claim_whose_deadline_passes_answers_nothing(mosquitto, redis_server):
-    engine_a, engine_b = FakeEngine(history_script, token_delay_s=0.1), FakeEngine(history_script, token_delay_s=0.1)
-    state = {"url": redis_server.url, "lease_s": 3.0}
-    async with (
-        running_worker(engine_a, projects=["maze"], broker_url=mosquitto.url, state=state, worker={"id": "wa"}),
-        running_worker(engine_b, projects=["maze"], broker_url=mosquitto.url, state=state, worker={"id": "wb"}),
-        peer(mosquitto.port, ["maze/response/app"], protocol="5") as p,
-    ):
+    async with two_workers(mosquitto, redis_server) as (_, p):
         body = {"v": 2, "clientId": "app", "sessionId": "s", "requestId": "late", "message": LONG, "deadlineMs": 1500}
         for _ in range(2):  # both copies run out of time: the holder while generating, the other while waiting
             await p.publish("maze/user_input", body)
@@ -288,13 +292,9 @@ async def test_a_copy_waiting_on_the_claim_whose_deadline_passes_answers_nothing
 
 
 async def test_a_reset_is_applied_and_confirmed_once_and_a_late_copy_wipes_nothing(mosquitto, redis_server):
-    state = {"url": redis_server.url, "lease_s": 3.0}
-    engines = [FakeEngine(history_script), FakeEngine(history_script)]
     async with (
-        running_worker(engines[0], projects=["maze"], broker_url=mosquitto.url, state=state, worker={"id": "wa"}),
-        running_worker(engines[1], projects=["maze"], broker_url=mosquitto.url, state=state, worker={"id": "wb"}),
+        two_workers(mosquitto, redis_server, token_delay_s=0.0) as (_, p),
         Client(BrokerConfig(url=mosquitto.url), client_id="app") as c,
-        peer(mosquitto.port, ["maze/response/app"], protocol="5") as p,
     ):
         assert await ask(c, "t1", "r1") == ("ok", "history: t1")
         reset = {"v": 2, "clientId": "app", "sessionId": "s", "requestId": "reset-1"}
