@@ -25,6 +25,8 @@ from worker.config import BrokerConfig
 from worker.protocol import Topics
 
 MAX_WORKERS_TRACKED = 1024
+MAX_PROJECTS, MAX_NAME_CHARS = 256, 128
+"""What is kept of a worker's project list (a status is broker data: bounded in bytes, not only entries)."""
 STATUS_GRACE_S = 0.5
 """Retained statuses arrive right after subscribing: only after this long is a client said to wait."""
 
@@ -136,7 +138,8 @@ class Client:
             body = {}
         projects = body.get("projects") if isinstance(body, dict) else None
         if isinstance(body, dict) and body.get("state") == "ready" and isinstance(projects, list):
-            self._ready[worker] = frozenset(p for p in projects if isinstance(p, str))
+            names = (p for p in projects[:MAX_PROJECTS] if isinstance(p, str) and 0 < len(p) <= MAX_NAME_CHARS)
+            self._ready[worker] = frozenset(names)
             while len(self._ready) > MAX_WORKERS_TRACKED:
                 del self._ready[next(iter(self._ready))]
         self._status_changed.set()

@@ -36,6 +36,8 @@ log = structlog.get_logger(__name__)
 MAX_PEERS = 1024
 """Peers remembered (what other workers publish is bounded like any broker data)."""
 MAX_STATUS_BYTES = 64 * 1024
+MAX_PROJECTS, MAX_NAME_CHARS = 256, 128
+"""What is kept of a peer's project list: at most 32 KiB a peer, 32 MiB for MAX_PEERS."""
 QUIET_S = 2.0
 """The peer's queue counts as drained once nothing arrived for this long and nothing it held still runs."""
 CHECK_EVERY_S = 1.0
@@ -176,4 +178,5 @@ def _status(payload: bytes) -> tuple[str, frozenset[str]] | None:
     state, projects = body.get("state"), body.get("projects")
     if not isinstance(state, str) or not isinstance(projects, list):
         return None
-    return state, frozenset(p for p in projects if isinstance(p, str))
+    names = (p for p in projects[:MAX_PROJECTS] if isinstance(p, str) and 0 < len(p) <= MAX_NAME_CHARS)
+    return state, frozenset(names)
