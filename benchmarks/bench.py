@@ -54,10 +54,10 @@ from cpu import delta, front_and_engine, group_cpu_s
 from serve_arm import run_serve_level, serve_command, serve_env
 
 from worker import log as worker_log
-from worker import plan as planner
-from worker.bus import Bus
 from worker.client import Client
 from worker.config import BrokerConfig, LogConfig
+from worker.engine import plan as planner
+from worker.transport.bus import Bus
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = ROOT / "models" / "smollm2-135m-instruct"  # --model replaces it (e.g. a real model on a GPU host)

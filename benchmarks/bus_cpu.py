@@ -26,11 +26,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench import mosquitto
 
-from worker.bus import Bus
 from worker.config import BrokerConfig
+from worker.transport.bus import Bus
 
 try:
-    from worker import eventloop, pahoio
+    from worker.transport import eventloop, pahoio
 except ImportError:  # a commit before pahoio: paho's network thread, asyncio only
     eventloop = pahoio = None  # type: ignore[assignment]
 

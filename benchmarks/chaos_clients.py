@@ -24,8 +24,8 @@ from typing import IO, Any
 
 from chaos_fleet import PROJECT
 
-from worker.bus import Bus
 from worker.config import BrokerConfig
+from worker.transport.bus import Bus
 
 TRANSIENT = frozenset({"state_unavailable", "overloaded", "shutting_down", "engine_error", "rate_limited"})
 """Error codes a client retries with the same requestId (PROTOCOL section 3; serve.TRANSIENT)."""

@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 
-from worker.bus import Bus
 from worker.config import BrokerConfig, WorkerConfig
 from worker.engine.fake import FakeEngine
 from worker.message import InboundMessage
 from worker.projects import load_projects
 from worker.service import Service
+from worker.transport.bus import Bus
 
 
 @dataclass

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
-from worker.bus import Bus
 from worker.config import BrokerConfig
 from worker.protocol import Topics
+from worker.transport.bus import Bus
 
 MAX_WORKERS_TRACKED = 1024
 MAX_PROJECTS, MAX_NAME_CHARS = 256, 128

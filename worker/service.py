@@ -19,31 +19,32 @@ from typing import Any
 
 import structlog
 
-from worker import adapters, protocol
-from worker.adapters import AdapterTable
-from worker.admission import Admission
-from worker.broker import EmbeddedBroker
-from worker.bus import Bus
+from worker import protocol
 from worker.config import WorkerConfig, resolve_path
-from worker.control import Control
+from worker.engine import adapters
+from worker.engine.adapters import AdapterTable
 from worker.engine.base import Engine
 from worker.errors import PublishError, ShuttingDownError
-from worker.intake import Intake
-from worker.jobs import JobTable
+from worker.fleet.reports import TelemetryReport
+from worker.fleet.status import StatusReporter
 from worker.loops import Loops
 from worker.message import InboundMessage
-from worker.mqttclient import Will
-from worker.packets import PACKET_OVERHEAD_BYTES
 from worker.projects import Project
 from worker.protocol import Dialect, Topics
 from worker.protocol.parse import ROUTING_PARSE_LIMIT_BYTES
-from worker.replies import Replier
-from worker.reports import TelemetryReport
-from worker.serve import Pipeline
-from worker.sessions import SessionStore
+from worker.serving.admission import Admission
+from worker.serving.control import Control
+from worker.serving.intake import Intake
+from worker.serving.jobs import JobTable
+from worker.serving.replies import Replier
+from worker.serving.serve import Pipeline
+from worker.serving.sessions import SessionStore
+from worker.serving.takeover import Takeover
 from worker.state import State, open_state
-from worker.status import StatusReporter
-from worker.takeover import Takeover
+from worker.transport.broker import EmbeddedBroker
+from worker.transport.bus import Bus
+from worker.transport.mqttclient import Will
+from worker.transport.packets import PACKET_OVERHEAD_BYTES
 
 MAX_PACKET_BYTES = ROUTING_PARSE_LIMIT_BYTES + PACKET_OVERHEAD_BYTES
 """Announced in CONNECT: an oversize request up to the routing-parse limit still reaches us and is

@@ -21,8 +21,8 @@ import pytest
 import pytest_asyncio
 from support import MODEL_DIR, ROOT, free_port, make_adapter
 
-from worker.adapters import AdapterTable
 from worker.config import ModelConfig
+from worker.engine.adapters import AdapterTable
 from worker.engine.vllm import VllmEngine
 from worker.protocol import ChatMessage, Sampling
 

@@ -141,7 +141,7 @@ async def test_context_too_long_is_a_typed_error(worker_process: WorkerProcess):
 
 
 async def test_telemetry_carries_real_engine_stats(worker_process: WorkerProcess):
-    from worker.reports import TelemetryReport
+    from worker.fleet.reports import TelemetryReport
 
     topic = "vllm-worker/e2e-worker/telemetry"
     async with peer(worker_process.port, [topic], client_id="e2e-telemetry") as p:

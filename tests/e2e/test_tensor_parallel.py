@@ -90,7 +90,7 @@ def test_tp_2_on_two_cpu_ranks_answers_like_tp_1(tiny_model):
 @pytest.mark.ray
 def test_a_local_ray_cluster_answers_and_the_cpu_engine_refuses_ray_before_load():
     ray = pytest.importorskip("ray", reason="the `ray` extra is not installed (pip install -e '.[ray]')")
-    from worker.parallel import Layout, check_ray
+    from worker.engine.parallel import Layout, check_ray
 
     started = time.monotonic()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix sockets live under it

@@ -172,7 +172,7 @@ async def test_10_flood_of_ten_times_the_queue_refuses_the_excess_and_memory_sta
 
 async def test_11_a_client_that_never_reads_its_replies_does_not_stall_others(mosquitto):
     async with running_worker(projects=["general"], broker_url=mosquitto.url) as w:
-        from worker.bus import Bus
+        from worker.transport.bus import Bus
 
         # subscribes QoS1 and never acks: Mosquitto holds its replies, not the worker
         async with Bus(BrokerConfig(url=mosquitto.url), "stalled", protocol="5") as stalled:

@@ -19,10 +19,10 @@ from paho.mqtt.properties import Properties
 from structlog.testing import capture_logs
 from support import DeployedMosquitto, Mosquitto, Peer, bodies, peer, running_worker, worker_subprocess
 
-from worker.bus import Bus
 from worker.config import BrokerConfig
 from worker.engine.fake import FakeEngine
-from worker.intake import Intake
+from worker.serving.intake import Intake
+from worker.transport.bus import Bus
 
 pytestmark = pytest.mark.faults
 

@@ -18,8 +18,8 @@ from rawmqtt import RawClient, user_properties
 from structlog.testing import capture_logs
 from support import DeployedMosquitto, Peer, RedisServer, bodies, running_worker, until
 
-from worker.bus import Bus
 from worker.config import BrokerConfig
+from worker.transport.bus import Bus
 
 pytestmark = pytest.mark.faults
 

@@ -18,8 +18,8 @@ import pytest
 from support import running_worker, until
 
 import worker
-from worker.bus import Bus
 from worker.config import BrokerConfig
+from worker.transport.bus import Bus
 
 pytestmark = pytest.mark.faults
 

@@ -26,9 +26,9 @@ from support import (
     until,
 )
 
-from worker.bus import Bus
 from worker.config import BrokerConfig
 from worker.engine.fake import FakeEngine
+from worker.transport.bus import Bus
 
 CONTROL = "vllm-worker/test-worker/control"
 

@@ -10,9 +10,9 @@ import threading
 import pytest
 from support import free_port, peer
 
-from worker.broker import EmbeddedBroker
-from worker.bus import Bus, BusConnectError, BusFailedError
 from worker.config import BrokerConfig
+from worker.transport.broker import EmbeddedBroker
+from worker.transport.bus import Bus, BusConnectError, BusFailedError
 
 
 async def test_paho_runs_on_the_event_loop_with_no_network_thread(mosquitto):

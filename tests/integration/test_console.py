@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from support import ROOT, Mosquitto, free_port, peer, wait_port, wait_ready, worker_subprocess
 
-from worker.reports import StatusReport
+from worker.fleet.reports import StatusReport
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 HOSTILE = '<img src=x onerror="window.__pwned=1">'

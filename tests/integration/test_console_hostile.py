@@ -19,8 +19,8 @@ from worker.console import samples as samples_module
 from worker.console import server as server_module
 from worker.console.samples import Samples
 from worker.console.server import ConsoleApp
-from worker.fleet import FleetState
-from worker.reports import ProcessReport, StatusReport, TelemetryReport
+from worker.fleet.reports import ProcessReport, StatusReport, TelemetryReport
+from worker.fleet.view import FleetState
 
 SLOW_CLIENTS = 50
 HIGH_WATER_BYTES = 64 * 1024  # asyncio's default write high-water mark; aiohttp drains past 64 KiB written

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from support import DeployedMosquitto, Mosquitto, peer, running_worker, until, wait_ready, worker_subprocess
 
-from worker.bus import BusConnectError
 from worker.client import Client
 from worker.config import BrokerConfig
 from worker.engine.fake import FakeEngine
+from worker.transport.bus import BusConnectError
 
 SLOW = {"VLLM_WORKER_FAKE_TOKEN_DELAY_S": "0.2"}  # "echo 1: <message>" = 3+ tokens -> ~0.6 s per request
 

@@ -10,7 +10,7 @@ import sys
 
 from support import ROOT, peer, running_worker, worker_subprocess
 
-from worker.reports import StatusReport, TelemetryReport
+from worker.fleet.reports import StatusReport, TelemetryReport
 
 
 def states(received, worker_id: str) -> list[str]:

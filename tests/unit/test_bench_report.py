@@ -47,12 +47,12 @@ def test_a_profile_summary_counts_threads_and_merges_lines_of_one_function(tmp_p
     pyspy = load("pyspy")
     raw = tmp_path / "p.txt"
     raw.write_text(
-        "thread (11): MainThread;main (worker/cli.py:10);publish (paho/client.py:5) 30\n"
-        "thread (11): MainThread;main (worker/cli.py:12);publish (paho/client.py:9) 10\n"
+        "thread (11): MainThread;main (worker/cli/main.py:10);publish (paho/client.py:5) 30\n"
+        "thread (11): MainThread;main (worker/cli/main.py:12);publish (paho/client.py:9) 10\n"
         "thread (12): paho-thread;loop (paho/client.py:1) 60\n"
     )
     summary = pyspy.summarize(raw)
     assert summary["samples"] == 100
     assert summary["threads"] == [("paho-thread", 60.0), ("MainThread", 40.0)]
     assert ("publish (paho/client.py)", 40.0) in summary["self"]
-    assert ("main (worker/cli.py)", 40.0) in summary["inclusive"]
+    assert ("main (worker/cli/main.py)", 40.0) in summary["inclusive"]

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 from structlog.testing import capture_logs
 
 from worker.engine.stats import StatsAggregator
-from worker.telemetry import GpuProbe, collect_process, process_tree_pids
+from worker.fleet.telemetry import GpuProbe, collect_process, process_tree_pids
 
 
 def test_nvml_absent_degrades_to_no_gpus_with_one_warning():

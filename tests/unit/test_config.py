@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.cli import flags_to_config, serve_parser
+from worker.cli.main import flags_to_config, serve_parser
 from worker.config import WorkerConfig, load
 from worker.errors import ConfigError
 

@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 from support import make_adapter, until
 
-from worker import adapters
-from worker.adapters import AdapterTable
-from worker.control import READ_TIMEOUT_S, Control
+from worker.engine import adapters
+from worker.engine.adapters import AdapterTable
 from worker.engine.fake import FakeEngine
 from worker.errors import ConfigError, ErrorCode
+from worker.serving.control import READ_TIMEOUT_S, Control
 
 DEMO = {  # the demo model's dimensions (SmolLM2-135M), which make_adapter shapes for
     "hidden_size": 576,

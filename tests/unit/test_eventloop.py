@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from worker.errors import ConfigError
-from worker.eventloop import loop_factory, run
+from worker.transport.eventloop import loop_factory, run
 
 
 async def _loop_module() -> str:

@@ -1,8 +1,7 @@
 from prometheus_client import CollectorRegistry, generate_latest
 from rich.console import Console
 
-from worker.fleet import FleetState, PrometheusCollector, render
-from worker.reports import (
+from worker.fleet.reports import (
     EngineReport,
     GpuReport,
     ProcessReport,
@@ -11,6 +10,7 @@ from worker.reports import (
     StatusReport,
     TelemetryReport,
 )
+from worker.fleet.view import FleetState, PrometheusCollector, render
 
 
 def status(worker: str, state: str) -> bytes:
@@ -113,7 +113,7 @@ def test_prometheus_exposition_uses_vllm_names_with_worker_label():
 
 
 def test_a_flood_of_worker_ids_is_bounded():
-    from worker import fleet as fleet_module
+    from worker.fleet import view as fleet_module
 
     fleet = FleetState()
     for i in range(fleet_module.MAX_WORKERS + 50):

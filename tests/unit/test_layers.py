@@ -1,28 +1,51 @@
-"""DESIGN section 2: imports point down. A test walks the imports and fails on an arrow that points up."""
+"""docs/design.md section 2: imports point down, between packages and between modules.
+
+A test walks the imports and fails on an arrow that points up, on a package cycle, and on a module that
+has not said where it sits.
+"""
 
 import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "worker"
 
-# module -> worker modules it may import (DESIGN's module map; message is the bus/protocol shared value type).
-# Every module of worker/ must be listed: a new module states where it sits before it can land.
-PROTOCOL = {"protocol", "protocol.topics", "protocol.messages", "protocol.parse", "protocol.encode"}
+# Package (or top-level module) -> what it may import besides itself. `core` is the top-level modules
+# everything may use (errors, message, loops, config, log, projects). The order is the architecture:
+# the wire format and the transport know nothing above them; the engine knows the wire's chat types;
+# serving joins them; fleet reports on serving; service wires it all; the faces sit on top.
+CORE = {"errors", "message", "loops", "config", "log", "projects"}
+PACKAGES: dict[str, set[str]] = {
+    "core": set(),
+    "protocol": {"core"},
+    "transport": {"core"},
+    "engine": {"core", "protocol"},
+    "state": {"core", "protocol"},
+    "serving": {"core", "protocol", "transport", "engine", "state"},
+    "fleet": {"core", "transport", "engine", "state", "serving"},
+    "client": {"core", "protocol", "transport"},
+    "service": {"core", "protocol", "transport", "engine", "state", "serving", "fleet"},
+    "console": {"core", "protocol", "client", "fleet"},
+    "cli": {"core", "transport", "engine", "fleet", "client", "console", "service"},
+    "tools": set(),
+    "__main__": {"cli"},
+    "__init__": set(),
+}
+
+# module -> worker modules it may import (the module map of docs/design.md; message is the value type the
+# transport and the wire format share). Every module of worker/ must be listed: a new module states where
+# it sits before it can land.
 ALLOWED: dict[str, set[str]] = {
     "__init__": set(),
-    "__main__": {"cli"},
+    "__main__": {"cli", "cli.main"},  # `from worker.cli import main`: the function, named like its module
+    # core
     "errors": set(),
     "message": set(),
-    "reports": set(),
     "loops": set(),
     "config": {"errors"},
     "log": {"config"},
     "projects": {"config", "errors"},
-    "models": {"errors"},
-    "parallel": {"errors"},
-    "plan": {"adapters", "config", "errors", "parallel"},
-    "checkpoints": {"config", "errors", "models"},
-    "quantization": {"config", "errors"},
+    # the wire format
+    "protocol": {"protocol.encode", "protocol.messages", "protocol.parse", "protocol.topics"},
     "protocol.topics": {"message"},
     "protocol.payload": {"message"},
     "protocol.schemas": set(),
@@ -37,123 +60,173 @@ ALLOWED: dict[str, set[str]] = {
         "protocol.schemas",
         "protocol.topics",
     },
-    "protocol": {"protocol.encode", "protocol.messages", "protocol.parse", "protocol.topics"},
+    # transport
+    "transport": set(),
+    "transport.packets": set(),
+    "transport.pahoio": {"transport.packets"},
+    "transport.eventloop": {"errors"},
+    "transport.mqttclient": {"config", "transport.pahoio"},
+    "transport.bus": {"config", "errors", "message", "transport.mqttclient", "transport.pahoio"},
+    "transport.broker": {"config", "errors"},
+    # the engine and its pre-flight
     "engine": set(),
-    "adapters": {"errors"},
-    "control": {"adapters", "engine.base", "errors", "protocol", "protocol.payload"},
-    "engine.base": {"adapters", "protocol.messages"},
-    "engine.fake": {"adapters", "engine.base", "errors", "protocol.messages"},
+    "engine.adapters": {"errors"},
+    "engine.models": {"errors"},
+    "engine.parallel": {"errors"},
+    "engine.quantization": {"config", "errors"},
+    "engine.checkpoints": {"config", "errors", "engine.models"},
+    "engine.plan": {"config", "engine.adapters", "engine.parallel", "errors"},
+    "engine.base": {"engine.adapters", "protocol.messages"},
+    "engine.fake": {"engine.adapters", "engine.base", "errors", "protocol.messages"},
     "engine.stats": {"engine.base"},
     "engine.vllm": {
+        "config",
+        "engine.adapters",
         "engine.base",
+        "engine.parallel",
+        "engine.plan",
+        "engine.quantization",
         "engine.stats",
         "errors",
-        "config",
-        "quantization",
-        "parallel",
-        "plan",
         "protocol.messages",
-        "adapters",
     },
-    "telemetry": {"engine.base", "reports"},
+    # state
+    "state": {"config", "state.base", "state.memory", "state.redis_backend"},
     "state.base": {"protocol"},
     "state.memory": {"errors", "protocol", "state.base"},
     "state.scripts": set(),
     "state.codec": {"protocol", "state.base"},
-    "state.redis_backend": {"errors", "protocol", "state", "state.base", "state.codec", "state.memory"},
-    "state": {"config", "state.base", "state.memory", "state.redis_backend"},
-    "admission": {"protocol", "errors", "config", "projects", "state"},
-    "sessions": {"protocol", "engine.base", "errors", "config", "state", "state.base", "state.memory"},
-    "replies": {"protocol", "protocol.encode", "errors"},
-    "jobs": {"protocol", "errors", "message"},
-    "serve": {"adapters", "engine.base", "errors", "jobs", "protocol", "replies", "sessions", "state", "state.base"},
-    "takeover": {"bus", "config", "intake", "jobs", "message", "state"},
-    "intake": {
-        "admission",
-        "control",
+    "state.redis_backend": {
         "errors",
-        "jobs",
+        "protocol",
+        "state",
+        "state.base",
+        "state.codec",
+        "state.memory",
+        "state.scripts",
+    },
+    # the request path
+    "serving": set(),
+    "serving.admission": {"config", "errors", "projects", "protocol", "state"},
+    "serving.sessions": {"config", "engine.base", "errors", "protocol", "state", "state.base", "state.memory"},
+    "serving.replies": {"errors", "protocol", "protocol.encode"},
+    "serving.jobs": {"errors", "message", "protocol"},
+    "serving.serve": {
+        "engine.adapters",
+        "engine.base",
+        "errors",
+        "protocol",
+        "serving.jobs",
+        "serving.replies",
+        "serving.sessions",
+        "state",
+        "state.base",
+    },
+    "serving.control": {"engine.adapters", "engine.base", "errors", "protocol", "protocol.payload"},
+    "serving.intake": {
+        "errors",
         "message",
         "projects",
         "protocol",
-        "replies",
-        "serve",
-        "sessions",
+        "serving.admission",
+        "serving.control",
+        "serving.jobs",
+        "serving.replies",
+        "serving.serve",
+        "serving.sessions",
         "state",
     },
-    "packets": set(),
-    "pahoio": {"packets"},
-    "eventloop": {"errors"},
-    "mqttclient": {"config", "pahoio"},
-    "bus": {"config", "errors", "message", "mqttclient", "pahoio"},
-    "broker": {"config", "errors"},
-    "status": {"adapters", "bus", "config", "engine.base", "errors", "reports", "sessions", "state", "telemetry"},
-    "service": {
-        "adapters",
-        "control",
-        "admission",
-        "broker",
-        "bus",
+    "serving.takeover": {"config", "message", "serving.intake", "serving.jobs", "state", "transport.bus"},
+    # the fleet
+    "fleet": set(),
+    "fleet.reports": set(),
+    "fleet.telemetry": {"engine.base", "fleet.reports"},
+    "fleet.status": {
         "config",
+        "engine.adapters",
+        "engine.base",
+        "errors",
+        "fleet.reports",
+        "fleet.telemetry",
+        "serving.sessions",
+        "state",
+        "transport.bus",
+    },
+    "fleet.view": {"fleet.reports"},
+    "fleet.supervisor": {
+        "config",
+        "engine.parallel",
+        "engine.plan",
+        "errors",
+        "fleet.telemetry",
+        "transport.broker",
+    },
+    # wiring and faces
+    "service": {
+        "config",
+        "engine.adapters",
         "engine.base",
         "engine.vllm",
         "errors",
-        "intake",
-        "jobs",
+        "fleet.reports",
+        "fleet.status",
         "loops",
         "message",
-        "mqttclient",
-        "packets",
         "projects",
         "protocol",
         "protocol.parse",
-        "replies",
-        "reports",
-        "serve",
-        "sessions",
+        "serving.admission",
+        "serving.control",
+        "serving.intake",
+        "serving.jobs",
+        "serving.replies",
+        "serving.serve",
+        "serving.sessions",
+        "serving.takeover",
         "state",
-        "status",
-        "takeover",
+        "transport.broker",
+        "transport.bus",
+        "transport.mqttclient",
+        "transport.packets",
     },
-    "client": {"bus", "config", "protocol"},
-    "fleet": {"reports"},
-    "supervisor": {"broker", "config", "errors", "parallel", "plan", "telemetry"},
-    "terminal": set(),
+    "client": {"config", "protocol", "transport.bus"},
     "console": set(),
-    "console.samples": {"fleet"},
+    "console.samples": {"fleet.view"},
     "console.server": {"client", "console.samples", "protocol"},
-    "commands": {
-        "bus",
+    "cli": {"cli.main"},
+    "cli.terminal": set(),
+    "cli.commands": {
+        "cli.terminal",
         "client",
         "config",
         "console.samples",
         "console.server",
+        "engine.parallel",
+        "engine.plan",
         "errors",
-        "fleet",
+        "fleet.view",
         "log",
-        "parallel",
-        "plan",
-        "terminal",
+        "transport.bus",
+    },
+    "cli.main": {
+        "cli.commands",
+        "cli.terminal",
+        "config",
+        "engine.adapters",
+        "engine.checkpoints",
+        "engine.fake",
+        "engine.models",
+        "engine.vllm",
+        "errors",
+        "fleet.supervisor",
+        "log",
+        "projects",
+        "service",
+        "transport.eventloop",
     },
     "tools": set(),
     "tools.autoround_quantize": set(),
     "tools.train_adapter": set(),
-    "cli": {
-        "adapters",
-        "checkpoints",
-        "commands",
-        "config",
-        "engine.fake",
-        "engine.vllm",
-        "errors",
-        "eventloop",
-        "log",
-        "models",
-        "projects",
-        "service",
-        "supervisor",
-        "terminal",
-    },
 }
 
 
@@ -162,29 +235,76 @@ def module_name(path: Path) -> str:
     return name.removesuffix(".__init__")
 
 
+def package_of(module: str) -> str:
+    top = module.split(".")[0]
+    return "core" if top in CORE else top
+
+
 def worker_imports(path: Path) -> set[str]:
+    """The worker modules a file imports; `from worker.engine import adapters` counts as engine.adapters."""
     tree = ast.parse(path.read_text())
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("worker"):
             base = node.module.removeprefix("worker").lstrip(".")
-            names = [base] if base else [a.name for a in node.names]
-            found.update(n for n in names if n and n != "__version__")
+            for alias in node.names:
+                name = f"{base}.{alias.name}" if base else alias.name
+                if name in ALLOWED:
+                    found.add(name)
+                elif base:
+                    found.add(base)
         elif isinstance(node, ast.Import):
             found.update(a.name.removeprefix("worker.") for a in node.names if a.name.startswith("worker."))
     return found
 
 
-def test_imports_point_down():
-    bad, unlisted = [], []
-    for path in sorted(PKG.rglob("*.py")):
-        module = module_name(path)
-        if module not in ALLOWED:
-            unlisted.append(module)
-            continue
-        bad.extend(f"{module} -> {imported}" for imported in worker_imports(path) if imported not in ALLOWED[module])
+def all_imports() -> dict[str, set[str]]:
+    return {module_name(p): worker_imports(p) for p in sorted(PKG.rglob("*.py"))}
+
+
+def test_every_module_says_where_it_sits():
+    unlisted = sorted(set(all_imports()) - set(ALLOWED))
     assert not unlisted, "modules missing from the layer map: " + ", ".join(unlisted)
+    stale = sorted(set(ALLOWED) - set(all_imports()))
+    assert not stale, "layer map lists modules that do not exist: " + ", ".join(stale)
+
+
+def test_imports_point_down():
+    bad = [
+        f"{module} -> {imported}"
+        for module, imports in all_imports().items()
+        for imported in imports
+        if module in ALLOWED and imported not in ALLOWED[module]
+    ]
     assert not bad, "imports pointing up or sideways: " + ", ".join(bad)
+
+
+def test_module_map_agrees_with_the_package_map():
+    """The module map may not allow what the package map forbids, so the two cannot drift apart."""
+    bad = [
+        f"{module} -> {imported}"
+        for module, allowed in ALLOWED.items()
+        for imported in allowed
+        if package_of(imported) != package_of(module) and package_of(imported) not in PACKAGES[package_of(module)]
+    ]
+    assert not bad, "module map crosses packages the wrong way: " + ", ".join(bad)
+
+
+def test_packages_have_no_cycles():
+    graph = {pkg: {p for p in allowed if p != pkg} for pkg, allowed in PACKAGES.items()}
+    done: set[str] = set()
+
+    def visit(pkg: str, path: tuple[str, ...]) -> None:
+        assert pkg not in path, "package cycle: " + " -> ".join((*path, pkg))
+        if pkg in done:
+            return
+        for nxt in graph[pkg]:
+            visit(nxt, (*path, pkg))
+        done.add(pkg)
+
+    for pkg in graph:
+        visit(pkg, ())
+    assert set(graph) >= {package_of(m) for m in ALLOWED}, "a package is missing from PACKAGES"
 
 
 def test_the_wire_format_does_not_depend_on_the_engine():
@@ -192,13 +312,13 @@ def test_the_wire_format_does_not_depend_on_the_engine():
         assert not {i for i in worker_imports(path) if i.startswith("engine")}, path
 
 
-def test_only_engine_vllm_imports_vllm_and_only_bus_imports_paho():
+def test_only_engine_vllm_imports_vllm_and_only_the_transport_imports_paho():
     for path in PKG.rglob("*.py"):
         text = path.read_text()
         rel = path.relative_to(PKG).as_posix()
         if rel != "engine/vllm.py":
             assert "from vllm" not in text, rel
             assert "import vllm" not in text, rel
-        if rel not in ("bus.py", "pahoio.py", "mqttclient.py"):
+        if rel not in ("transport/bus.py", "transport/pahoio.py", "transport/mqttclient.py"):
             assert "import paho" not in text, rel
             assert "from paho" not in text, rel

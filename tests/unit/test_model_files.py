@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from worker import checkpoints, models
-from worker.models import make_readable, prepare_demo
+from worker.engine import checkpoints, models
+from worker.engine.models import make_readable, prepare_demo
 
 # The tools' stand-ins: each writes what the real one does (a safetensors file through safetensors itself).
 TOOL = """

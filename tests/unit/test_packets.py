@@ -15,7 +15,7 @@ from paho.mqtt import _packet
 from paho.mqtt.enums import MQTTProtocolVersion
 from rawmqtt import PUBLISH, Prop, publish_body, user_properties
 
-from worker.packets import (
+from worker.transport.packets import (
     MAX_CORRELATION_BYTES,
     MAX_PROPERTIES,
     MAX_USER_PROPERTY_BYTES,

@@ -11,8 +11,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from worker import pahoio
-from worker.pahoio import CORRELATED_CACHE, Buffered, LoopClient, correlated
+from worker.transport import pahoio
+from worker.transport.pahoio import CORRELATED_CACHE, Buffered, LoopClient, correlated
 
 
 def test_the_paho_internals_we_override_or_read_still_exist():

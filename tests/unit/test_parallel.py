@@ -13,10 +13,10 @@ import pytest
 from support import ROOT
 
 from worker.config import WorkerConfig
+from worker.engine.parallel import Layout, check, cpu_binding, pp_partitions, rank_bytes
+from worker.engine.plan import GIB, load_spec, param_counts, plan, weight_bytes
 from worker.errors import ConfigError
-from worker.parallel import Layout, check, cpu_binding, pp_partitions, rank_bytes
-from worker.plan import GIB, load_spec, param_counts, plan, weight_bytes
-from worker.supervisor import plan_models
+from worker.fleet.supervisor import plan_models
 
 DEMO = (
     json.loads((ROOT / "models" / "smollm2-135m-instruct" / "config.json").read_text())

@@ -9,8 +9,8 @@ import sys
 import pytest
 from support import ROOT
 
+from worker.engine.plan import GB, cpu_kv_space_gib, kv_bytes_per_token, load_spec, parse_size, plan, weight_bytes
 from worker.errors import ConfigError
-from worker.plan import GB, cpu_kv_space_gib, kv_bytes_per_token, load_spec, parse_size, plan, weight_bytes
 
 # seed 000, section 1: "Model Weights Only" in GB
 SEED_WEIGHTS_GB = [
@@ -147,7 +147,7 @@ def test_cli_plan_json_and_exit_code():
 
 
 def test_single_model_that_cannot_fit_its_gpu_share_fails_before_load():
-    from worker.plan import check_single
+    from worker.engine.plan import check_single
 
     dense_33b = load_spec("deepseek-coder-33b")
     with pytest.raises(ConfigError, match="Quantize it"):

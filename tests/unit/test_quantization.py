@@ -9,8 +9,8 @@ import pytest
 from support import ROOT
 
 from worker.config import ModelConfig
+from worker.engine.quantization import Device, VllmSupport, check_context, plan
 from worker.errors import ConfigError
-from worker.quantization import Device, VllmSupport, check_context, plan
 
 CPU = Device("cpu")
 AMPERE = Device("cuda", 80, "A100")

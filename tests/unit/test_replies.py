@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from worker.protocol import strip_reasoning
-from worker.replies import VisibleText
+from worker.serving.replies import VisibleText
 
 pieces = st.lists(st.sampled_from(["<think>", "</think>", "<", "</", "<th", "think>", " ", "\n", "a", "b c", "x"]))
 

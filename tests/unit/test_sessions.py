@@ -5,7 +5,7 @@ from worker.engine.fake import FakeEngine
 from worker.errors import ContextTooLongError
 from worker.message import InboundMessage
 from worker.protocol import Topics, parse
-from worker.sessions import SessionStore
+from worker.serving.sessions import SessionStore
 
 
 def request(projects, message, session="s1", **fields):

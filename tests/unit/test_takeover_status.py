@@ -5,7 +5,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.takeover import MAX_NAME_CHARS, MAX_PROJECTS, _status
+from worker.serving.takeover import MAX_NAME_CHARS, MAX_PROJECTS, _status
 
 
 def test_a_huge_project_list_is_cut_to_bounded_names():

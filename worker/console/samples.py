@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from worker.fleet import FleetState, WorkerView
+from worker.fleet.view import FleetState, WorkerView
 
 SAMPLE_S = 1.0
 HISTORY_S = 15 * 60

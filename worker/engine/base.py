@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, Self
 
-from worker.adapters import Adapter
+from worker.engine.adapters import Adapter
 from worker.protocol.messages import ChatMessage, Sampling
 
 

@@ -14,7 +14,7 @@ from typing import Any, Self
 
 import structlog
 
-from worker.adapters import Adapter
+from worker.engine.adapters import Adapter
 from worker.engine.base import Delta, EngineStats, Prompt
 from worker.errors import BadRequestError, EngineDeadError, EngineError
 from worker.protocol.messages import ChatMessage, Sampling

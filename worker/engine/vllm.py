@@ -21,15 +21,15 @@ from typing import Any, Self
 import psutil
 import structlog
 
-from worker import parallel
-from worker import plan as planner
-from worker.adapters import Adapter
 from worker.config import ModelConfig
+from worker.engine import parallel
+from worker.engine import plan as planner
+from worker.engine.adapters import Adapter
 from worker.engine.base import Delta, EngineStats, Prompt
+from worker.engine.quantization import Device, QuantPlan, VllmSupport, check_context, plan
 from worker.engine.stats import StatsAggregator
 from worker.errors import BadRequestError, ConfigError, EngineDeadError, EngineError, OverloadedError
 from worker.protocol.messages import ChatMessage, Sampling
-from worker.quantization import Device, QuantPlan, VllmSupport, check_context, plan
 
 log = structlog.get_logger(__name__)
 

@@ -27,8 +27,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from worker.config import BrokerConfig
 from worker.errors import ConfigError, PublishError
 from worker.message import InboundMessage, is_mqtt_text
-from worker.mqttclient import Will, make_client, tls_context
-from worker.pahoio import Driver, LoopClient, correlated
+from worker.transport.mqttclient import Will, make_client, tls_context
+from worker.transport.pahoio import Driver, LoopClient, correlated
 
 log = structlog.get_logger(__name__)
 

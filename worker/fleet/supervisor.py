@@ -22,11 +22,11 @@ from pathlib import Path
 
 import structlog
 
-from worker import plan as planner
-from worker.broker import EmbeddedBroker
 from worker.config import ModelEntry, WorkerConfig, resolve_path
-from worker.parallel import Layout
-from worker.telemetry import GpuProbe
+from worker.engine import plan as planner
+from worker.engine.parallel import Layout
+from worker.fleet.telemetry import GpuProbe
+from worker.transport.broker import EmbeddedBroker
 
 log = structlog.get_logger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 
 import structlog
 
-from worker import adapters
-from worker.adapters import AdapterTable
+from worker.engine import adapters
+from worker.engine.adapters import AdapterTable
 from worker.engine.base import Engine
 from worker.errors import BadRequestError, ConfigError, EngineError, ErrorCode, WorkerError
 from worker.protocol import is_valid_id

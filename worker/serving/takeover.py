@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 import structlog
 
-from worker.bus import Bus, BusFailedError, BusLostError
 from worker.config import BrokerConfig
-from worker.intake import Intake
-from worker.jobs import JobTable
 from worker.message import InboundMessage
+from worker.serving.intake import Intake
+from worker.serving.jobs import JobTable
 from worker.state import Claim, State
+from worker.transport.bus import Bus, BusFailedError, BusLostError
 
 log = structlog.get_logger(__name__)
 MAX_PEERS = 1024

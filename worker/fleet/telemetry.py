@@ -16,7 +16,7 @@ import psutil
 import structlog
 
 from worker.engine.base import EngineStats
-from worker.reports import EngineReport, GpuReport, ProcessReport
+from worker.fleet.reports import EngineReport, GpuReport, ProcessReport
 
 log = structlog.get_logger(__name__)
 

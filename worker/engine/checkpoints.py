@@ -16,15 +16,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from worker.config import ROOT
+from worker.engine.models import make_readable
 from worker.errors import ConfigError
-from worker.models import make_readable
 
 QUANT_VENV = ROOT / ".venv-quant"
 # The CPU torch wheel the machine's pip finds locally; auto-round runs on it.
 QUANT_REQUIREMENTS = ("torch==2.13.0", "auto-round>=0.15")
 FORMATS = {"awq": "auto_awq", "gptq": "auto_gptq"}
 MARKER = ".vllm-worker-quant.json"
-TOOL = Path(__file__).resolve().parent / "tools" / "autoround_quantize.py"
+TOOL = Path(__file__).resolve().parent.parent / "tools" / "autoround_quantize.py"
 
 Say = Callable[[str], None]
 
@@ -80,7 +80,7 @@ def quantize(src: Path, out: Path, method: str, say: Say) -> Path:
     return out
 
 
-ADAPTER_TOOL = Path(__file__).resolve().parent / "tools" / "train_adapter.py"
+ADAPTER_TOOL = Path(__file__).resolve().parent.parent / "tools" / "train_adapter.py"
 ADAPTER_META = "vllm_worker_adapter.json"
 DEMO_ADAPTERS = {"maze": "maze-compass"}
 """Projects with a shipped demo data set (worker/tools/data/) and the adapter it trains."""

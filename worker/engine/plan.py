@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.adapters import lora_bytes
 from worker.config import resolve_path
+from worker.engine.adapters import lora_bytes
+from worker.engine.parallel import Layout, check_shape, rank_bytes
 from worker.errors import ConfigError
-from worker.parallel import Layout, check_shape, rank_bytes
 
 GIB = 2**30
 GB = 10**9

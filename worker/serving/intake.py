@@ -14,16 +14,16 @@ from collections.abc import Callable
 import structlog
 
 from worker import protocol
-from worker.admission import Admission
-from worker.control import Control
 from worker.errors import EngineError, RequestCancelledError, StateUnavailableError, WorkerError
-from worker.jobs import Job, JobTable
 from worker.message import InboundMessage
 from worker.projects import Project
 from worker.protocol import Cancel, FinalReply, Rejected, Request, Reset, Route, Topics
-from worker.replies import Replier
-from worker.serve import Pipeline, serve
-from worker.sessions import SessionStore
+from worker.serving.admission import Admission
+from worker.serving.control import Control
+from worker.serving.jobs import Job, JobTable
+from worker.serving.replies import Replier
+from worker.serving.serve import Pipeline, serve
+from worker.serving.sessions import SessionStore
 from worker.state import Claim
 
 log = structlog.get_logger(__name__)

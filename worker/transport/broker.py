@@ -5,7 +5,7 @@ messages, and leaks retained messages to new clients; use Mosquitto in productio
 loopback by default. An explicit plugin list replaces amqtt's defaults, whose packet logger writes
 plaintext passwords at DEBUG.
 
-By default it runs in a child process (`python -m worker.broker`): in the worker's own process it
+By default it runs in a child process (`python -m worker.transport.broker`): in the worker's own process it
 shares the GIL with the engine's output handling, and the benchmark measured it as the largest cost on
 the request path (about a quarter of the worker process's CPU at 32 concurrent streams). The child exits
 when its stdin closes, so it never outlives the worker, even after a SIGKILL.
@@ -78,7 +78,7 @@ class EmbeddedBroker:
         return self
 
     def _spawn(self) -> int:
-        cmd = [sys.executable, "-m", "worker.broker", "--host", self._host, "--port", str(self._port)]
+        cmd = [sys.executable, "-m", "worker.transport.broker", "--host", self._host, "--port", str(self._port)]
         # Its own session: a terminal's Ctrl-C (sent to the whole foreground group) must reach the worker
         # only, which keeps the broker until it has published `draining` and `offline`, then closes stdin.
         self._proc = subprocess.Popen(  # noqa: S603 - our own module
@@ -137,7 +137,7 @@ async def _serve(host: str, port: int) -> None:
 
 def main() -> int:
     """Child-process entry point: serve until stdin closes or SIGTERM."""
-    p = argparse.ArgumentParser(prog="python -m worker.broker")
+    p = argparse.ArgumentParser(prog="python -m worker.transport.broker")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1883)
     args = p.parse_args()

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import structlog
 
-from worker.adapters import Adapter, AdapterTable
+from worker.engine.adapters import Adapter, AdapterTable
 from worker.engine.base import Engine, Prompt
 from worker.errors import (
     EngineDeadError,
@@ -33,10 +33,10 @@ from worker.errors import (
     ShuttingDownError,
     WorkerError,
 )
-from worker.jobs import Job
 from worker.protocol import Dialect, FinalReply, Request, visible_text
-from worker.replies import Outcome, Replier, Stream
-from worker.sessions import Recorded, SessionStore
+from worker.serving.jobs import Job
+from worker.serving.replies import Outcome, Replier, Stream
+from worker.serving.sessions import Recorded, SessionStore
 from worker.state import Budget, Claim, State
 from worker.state.base import Fence
 

@@ -16,15 +16,15 @@ from datetime import UTC, datetime
 import structlog
 
 from worker import __version__
-from worker.adapters import AdapterTable
-from worker.bus import Bus
 from worker.config import WorkerConfig
+from worker.engine.adapters import AdapterTable
 from worker.engine.base import Engine
 from worker.errors import EngineDeadError
-from worker.reports import ParallelReport, ProjectReport, State, StateReport, StatusReport, TelemetryReport
-from worker.sessions import SessionStore
+from worker.fleet.reports import ParallelReport, ProjectReport, State, StateReport, StatusReport, TelemetryReport
+from worker.fleet.telemetry import GpuProbe, collect_process, engine_report, process_tree_pids
+from worker.serving.sessions import SessionStore
 from worker.state import State as StateStore
-from worker.telemetry import GpuProbe, collect_process, engine_report, process_tree_pids
+from worker.transport.bus import Bus
 
 log = structlog.get_logger(__name__)
 

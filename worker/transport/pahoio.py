@@ -32,7 +32,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from worker.packets import screen_publish
+from worker.transport.packets import screen_publish
 
 TICK_S = 1.0
 READ_CHUNK = 65536

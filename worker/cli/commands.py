@@ -16,9 +16,9 @@ import uuid
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+from worker.cli.terminal import EXIT_CONFIG, say
 from worker.config import ROOT, BrokerConfig
 from worker.errors import ConfigError
-from worker.terminal import EXIT_CONFIG, say
 
 RESEND_S = 10.0
 """`ask` sends its request again this often while no final reply came (a worker that restarted lost it)."""
@@ -125,8 +125,8 @@ async def _fleet(args: argparse.Namespace) -> int:
     from rich.console import Console  # noqa: PLC0415
     from rich.live import Live  # noqa: PLC0415
 
-    from worker.bus import Bus  # noqa: PLC0415
-    from worker.fleet import FleetState, PrometheusCollector, render  # noqa: PLC0415
+    from worker.fleet.view import FleetState, PrometheusCollector, render  # noqa: PLC0415
+    from worker.transport.bus import Bus  # noqa: PLC0415
 
     state = FleetState(topic_prefix=args.topic_prefix)
     if args.prometheus:
@@ -188,8 +188,8 @@ def plan(argv: Sequence[str]) -> int:
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
-    from worker import plan as planner  # noqa: PLC0415
-    from worker.parallel import Layout  # noqa: PLC0415
+    from worker.engine import plan as planner  # noqa: PLC0415
+    from worker.engine.parallel import Layout  # noqa: PLC0415
 
     try:
         specs = [planner.load_spec(m) for m in args.models]
@@ -283,7 +283,7 @@ async def _console(args: argparse.Namespace) -> int:
     from worker.client import Client  # noqa: PLC0415
     from worker.console.samples import Samples  # noqa: PLC0415
     from worker.console.server import ConsoleApp  # noqa: PLC0415
-    from worker.fleet import FleetState  # noqa: PLC0415
+    from worker.fleet.view import FleetState  # noqa: PLC0415
 
     loopback = args.host in {"localhost", "::1"} or args.host.startswith("127.")
     token = args.token or (None if loopback else secrets.token_urlsafe(18))

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from rich.table import Table
 from rich.text import Text
 
-from worker.reports import StatusReport, TelemetryReport
+from worker.fleet.reports import StatusReport, TelemetryReport
 
 MAX_WORKERS = 1024
 MAX_ID_CHARS = 256

@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from worker import __version__, eventloop
+from worker import __version__
+from worker.cli.terminal import EXIT_CONFIG, say
 from worker.config import ROOT, WorkerConfig, load, resolve_path
+from worker.engine.models import DEMO_DIR, check_model_dir, is_prepared, prepare_demo
 from worker.errors import ConfigError
-from worker.models import DEMO_DIR, check_model_dir, is_prepared, prepare_demo
-from worker.terminal import EXIT_CONFIG, say
+from worker.transport import eventloop
 
 COMMANDS = ("serve", "ask", "model", "fleet", "console", "plan", "bench")
 
@@ -157,7 +158,7 @@ def serve(argv: Sequence[str]) -> int:
 
 def _check_adapters(cfg: WorkerConfig, projects: dict[str, Any], model_dir: Path) -> None:
     """Every configured LoRA adapter against the model, before the engine loads (ConfigError: exit 2)."""
-    from worker import adapters  # noqa: PLC0415
+    from worker.engine import adapters  # noqa: PLC0415
 
     model_config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     for name, project in projects.items():
@@ -167,10 +168,10 @@ def _check_adapters(cfg: WorkerConfig, projects: dict[str, Any], model_dir: Path
 
 
 def _supervise(cfg: WorkerConfig, args: argparse.Namespace) -> int:
-    """Several `[[models]]`: one supervised worker process per model (see worker/supervisor.py)."""
+    """Several `[[models]]`: one supervised worker process per model (see worker/fleet/supervisor.py)."""
+    from worker.fleet.supervisor import Supervisor  # noqa: PLC0415
     from worker.projects import load_projects  # noqa: PLC0415
     from worker.service import default_worker_id  # noqa: PLC0415
-    from worker.supervisor import Supervisor  # noqa: PLC0415
 
     for entry in cfg.models:
         load_projects(cfg.worker.topics_dir, entry.projects)  # fail here, not in a restart loop
@@ -231,12 +232,12 @@ def model(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     try:
         if args.action == "adapter":
-            from worker.checkpoints import demo_adapter  # noqa: PLC0415
+            from worker.engine.checkpoints import demo_adapter  # noqa: PLC0415
 
             demo_adapter(args.project, Path(args.src), Path(args.out_dir), say)
             return 0
         if args.action == "quantize":
-            from worker.checkpoints import quantize  # noqa: PLC0415
+            from worker.engine.checkpoints import quantize  # noqa: PLC0415
 
             src = Path(args.src)
             quantize(src, Path(args.out or f"{src}-{args.method}"), args.method, say)
@@ -256,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else "serve"
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv
-    from worker import commands  # noqa: PLC0415 - the client-side subcommands, loaded on demand
+    from worker.cli import commands  # noqa: PLC0415 - the client-side subcommands, loaded on demand
 
     handlers = {
         "serve": serve,

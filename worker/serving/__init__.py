@@ -1,0 +1,1 @@
+"""The request path: intake, admission, the job, serve, sessions, replies, the control topic, takeover."""
