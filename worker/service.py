@@ -57,7 +57,7 @@ Say = Callable[[str], None]
 
 def default_worker_id(visible_devices: str | None) -> str:
     """`{hostname}-{first GPU index or cpu}-0`; set `worker.id` when several workers share a device."""
-    from worker.engine.vllm import gpu_present  # noqa: PLC0415 - cheap, no vllm import
+    from worker.engine.vllm_preflight import gpu_present  # noqa: PLC0415 - cheap, no vllm import
 
     device = (visible_devices or "0").split(",")[0].strip() if gpu_present() else "cpu"
     return f"{socket.gethostname()}-{device}-0"

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from worker.console import samples as samples_module
 from worker.console.samples import Samples
+from worker.fleet import view as fleet_module
 from worker.fleet.reports import ProcessReport, StatusReport, TelemetryReport
 from worker.fleet.view import FleetState
-from worker.fleet import view as fleet_module
 
 
 def status(worker: str, state: str = "ready", model: str = "m") -> bytes:

@@ -11,8 +11,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from worker.transport import pahoio
-from worker.transport.pahoio import CORRELATED_CACHE, Buffered, LoopClient, correlated
+from worker.transport import pahoclient
+from worker.transport.pahoclient import CORRELATED_CACHE, LoopClient, correlated
+from worker.transport.pahoio import Buffered
 
 
 def test_the_paho_internals_we_override_or_read_still_exist():
@@ -67,10 +68,10 @@ def test_correlated_properties_pack_like_pahos_and_are_cached_within_bounds():
     for i in range(CORRELATED_CACHE + 5):
         correlated(str(i).encode())
 
-    assert len(pahoio._CORRELATED) <= CORRELATED_CACHE
+    assert len(pahoclient._CORRELATED) <= CORRELATED_CACHE
     for i in range(20):
         correlated(bytes([i]) * 60_000)
-    assert sum(2 * len(k) for k in pahoio._CORRELATED) <= pahoio.CORRELATED_CACHE_BYTES
+    assert sum(2 * len(k) for k in pahoclient._CORRELATED) <= pahoclient.CORRELATED_CACHE_BYTES
 
 
 def test_a_plain_puback_resolves_its_publish_without_pahos_decoder():

@@ -28,9 +28,9 @@ BNB_CKPT = {"quantization_config": {"quant_method": "bitsandbytes"}}
 @pytest.fixture(scope="module")
 def support() -> VllmSupport:
     """The real installed vLLM's methods and capabilities (imports vllm once)."""
-    from worker.engine.vllm import _vllm_support
+    from worker.engine.vllm_preflight import vllm_support
 
-    return _vllm_support()
+    return vllm_support()
 
 
 def cfg(**kw) -> ModelConfig:

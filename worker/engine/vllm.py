@@ -7,49 +7,29 @@ request. Start-up is run in a thread (it blocks for ~13 s on CPU) so the event l
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import json
 import os
 import time
-import typing
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import psutil
 import structlog
 
 from worker.config import ModelConfig
 from worker.engine import parallel
-from worker.engine import plan as planner
 from worker.engine.adapters import Adapter
 from worker.engine.base import Delta, EngineStats, Prompt
-from worker.engine.quantization import Device, QuantPlan, VllmSupport, check_context, plan
+from worker.engine.quantization import QuantPlan
 from worker.engine.stats import StatsAggregator
-from worker.errors import BadRequestError, ConfigError, EngineDeadError, EngineError, OverloadedError
+from worker.engine.vllm_preflight import gpu_present, layout_of, preflight
+from worker.errors import BadRequestError, EngineDeadError, EngineError, OverloadedError
 from worker.protocol.messages import ChatMessage, Sampling
 
 log = structlog.get_logger(__name__)
 
 SHUTDOWN_TIMEOUT_S = 8.0
-
-
-def prepare_environment(cfg: ModelConfig, *, on_cpu: bool, kv_space_gib: int = 1) -> None:
-    """Set the env vars vLLM reads at import/start; explicit user settings win (setdefault)."""
-    if cfg.visible_devices is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.visible_devices
-        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's indices = NVML's (telemetry)
-    if on_cpu:
-        # MP=0 drops the extra Worker process on CPU: start 24 s -> 13 s, and both cores compute.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_space_gib or kv_space_gib))
-
-
-def gpu_present() -> bool:
-    """Whether an NVIDIA GPU is visible, without importing vllm or torch (cheap, pre-import)."""
-    return Path("/dev/nvidiactl").exists() or bool(os.environ.get("VLLM_WORKER_ASSUME_GPU"))
 
 
 class VllmEngine:
@@ -87,56 +67,14 @@ class VllmEngine:
 
     def preflight(self) -> QuantPlan:
         """Validate model dir, context length and quantization before anything loads (ConfigError if not)."""
-        if self._plan is not None:
-            return self._plan
-        try:
-            model_config = json.loads((self._model_dir / "config.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read {self._model_dir / 'config.json'}: {exc}") from exc
-        on_cpu = not gpu_present()
-        cfg = self._cfg
-        kv_space = planner.cpu_kv_space_gib(
-            model_config,
-            max_model_len=cfg.max_model_len,
-            max_num_seqs=cfg.max_num_seqs,
-            kv_dtype=cfg.kv_cache_dtype,
-            ram_gib=psutil.virtual_memory().total / 2**30,
-        )
-        prepare_environment(cfg, on_cpu=on_cpu, kv_space_gib=kv_space)
-        check_context(cfg, model_config)
-        device = _device()
-        self._plan = plan(cfg, model_config, device, _vllm_support())
-        log.info(
-            "engine.quantization", method=self._plan.method, kernel=self._plan.kernel, notes=list(self._plan.notes)
-        )
-        layout = self.layout
-        spec = planner.spec_from_config(self.model_name, model_config, self._plan.method)
-        cores = sorted(os.sched_getaffinity(0))
-        parallel.check(
-            layout,
-            model_config,
-            gpus=_gpu_count() if device.kind == "cuda" else None,
-            cpu_cores=len(cores),
-            method=self._plan.method,
-            group_size=spec.group_size,
-        )
-        if layout.backend == "ray":
-            parallel.check_ray(layout)
-        if layout.world > 1 and on_cpu:  # one disjoint core range per rank, or they fight for the same cores
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", parallel.cpu_binding(layout, cores))
-        if layout.world > 1:
-            log.info("engine.parallel", layout=layout.label, cpu_bind=os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
-        if device.kind == "cuda":
-            planner.check_single(spec, _gpu_total_gib(), cfg.gpu_memory_utilization, cfg.max_model_len, layout)
-        else:
-            log.info("engine.cpu_kv_cache", gib=os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
+        if self._plan is None:
+            self._plan = preflight(self._cfg, self._model_dir, self.model_name)
         return self._plan
 
     @property
     def layout(self) -> parallel.Layout:
         """How the model is split across GPUs (or CPU ranks)."""
-        c = self._cfg
-        return parallel.Layout(c.tensor_parallel_size, c.pipeline_parallel_size, c.distributed_executor_backend)
+        return layout_of(self._cfg)
 
     def _engine_args(self, *, on_cpu: bool) -> Any:  # noqa: ANN401 - vllm's AsyncEngineArgs, imported late
         from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: PLC0415 - import after env is set
@@ -315,55 +253,6 @@ def _lora_request(adapter: Adapter) -> Any:  # noqa: ANN401 - vllm's LoRARequest
     from vllm.lora.request import LoRARequest  # noqa: PLC0415
 
     return LoRARequest(adapter.name, adapter.id, adapter.path)
-
-
-def _device() -> Device:
-    from vllm.platforms import current_platform  # noqa: PLC0415
-
-    if current_platform.is_cpu():
-        return Device("cpu")
-    capability = current_platform.get_device_capability()
-    return Device("cuda", capability.to_int() if capability else None, str(current_platform.get_device_name()))
-
-
-def _gpu_count() -> int:
-    from vllm.platforms import current_platform  # noqa: PLC0415
-
-    return int(current_platform.device_count())
-
-
-def _gpu_total_gib() -> float:
-    from vllm.platforms import current_platform  # noqa: PLC0415
-
-    return float(current_platform.get_device_total_memory()) / 2**30
-
-
-def _vllm_support() -> VllmSupport:
-    """What the installed vLLM offers, read from vLLM itself."""
-    from vllm.config.cache import CacheDType  # noqa: PLC0415
-    from vllm.model_executor.layers.quantization import (  # noqa: PLC0415
-        QUANTIZATION_METHODS,
-        get_quantization_config,
-    )
-    from vllm.model_executor.layers.quantization.utils.marlin_utils import (  # noqa: PLC0415
-        MARLIN_SUPPORTED_GROUP_SIZES,
-    )
-
-    min_capability: dict[str, int] = {}
-    for method in QUANTIZATION_METHODS:
-        try:
-            min_capability[method] = int(get_quantization_config(method).get_min_capability())
-        except Exception:  # noqa: BLE001, S112 - some methods need optional packages to even describe themselves
-            continue
-    plugin = importlib.util.find_spec("vllm_bnb_plugin") is not None
-    bnb = importlib.util.find_spec("bitsandbytes") is not None
-    return VllmSupport(
-        methods=frozenset(QUANTIZATION_METHODS),
-        min_capability=min_capability,
-        marlin_group_sizes=frozenset(MARLIN_SUPPORTED_GROUP_SIZES),
-        bnb_plugin=plugin and bnb,
-        kv_cache_dtypes=frozenset(typing.get_args(CacheDType)),
-    )
 
 
 def _stat_logger_class(aggregator: StatsAggregator) -> type:

@@ -2,14 +2,14 @@
 
 Sessions (turn list + system prompt), requestId claims and token buckets live under
 `{key_prefix}/{topic_prefix}{project}/...`, every key with a TTL. Each read-check-write is one Lua script
-(`state/scripts.py`). Session locks and claims are leases this worker renews from `monitor`; a worker
-that dies stops renewing and its leases lapse after `lease_s`. `max_sessions`, `dedupe_max_entries` and
-`dedupe_max_bytes` hold per project for the whole fleet, through indexes under `{project}/idx/`.
+(`state/scripts.py`). Session locks and claims are leases this worker renews (`RedisLink.monitor`); a
+worker that dies stops renewing and its leases lapse after `lease_s`. `max_sessions`, `dedupe_max_entries`
+and `dedupe_max_bytes` hold per project for the whole fleet, through indexes under `{project}/idx/`.
 
-Redis unreachable (the documented degraded mode, PROTOCOL section 5): calls fail fast (no connect per
-request) and `monitor` probes with backoff until it answers again. Meanwhile stateful turns are refused
-with `state_unavailable` (history is never silently dropped), while stateless requests keep working with
-this worker's own dedupe and rate limits (`health().degraded`). Standalone Redis/Valkey (not Cluster).
+Redis unreachable (the documented degraded mode, docs/protocol.md): calls fail fast and the link probes
+until it answers again (`redis_link`). Meanwhile stateful turns are refused with `state_unavailable`
+(history is never silently dropped), while stateless requests keep working with this worker's own dedupe
+and rate limits (`health().degraded`). Standalone Redis/Valkey (not Cluster).
 """
 
 from __future__ import annotations
@@ -20,16 +20,11 @@ import functools
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Self, TypeVar
+from collections.abc import AsyncIterator, Sequence
+from typing import Self
 
 import redis.asyncio as aioredis
 import structlog
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.errors import RateLimitedError, StateUnavailableError
 from worker.protocol import FinalReply
@@ -37,16 +32,11 @@ from worker.state import scripts
 from worker.state.base import Budget, Claim, Claimed, DedupeKey, Fence, History, SessionKey, StateHealth, Turn
 from worker.state.codec import decode_final, decode_turn, encode_final, encode_turn, redact
 from worker.state.memory import MAX_TURNS, MemoryLimits, MemoryState
+from worker.state.redis_link import RECORD_ATTEMPTS, RedisLink
 
 log = structlog.get_logger(__name__)
-T = TypeVar("T")
-_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 FENCED, EXPIRED = -2, -3  # APPEND's refusals: the lock passed to another worker; the attempt came too late
 CLOCK_MARGIN_S = 0.05
-PROBE_MAX_S = 1.0
-"""While Redis is down it is probed at least this often: the fleet is back within about a second of it."""
-RECORD_ATTEMPTS = 4
-"""A turn's record is retried for this many op timeouts (a stall shorter than that ends recorded)."""
 
 
 class RedisState:
@@ -66,71 +56,38 @@ class RedisState:
         self._url = url
         self._ns = namespace
         self._limits = limits
-        self._lease_ms = max(1, round(lease_s * 1000))
-        self._renew_every_s = max(0.05, lease_s / 3)
-        self._op_timeout_s = op_timeout_s
+        self._link = RedisLink(url, lease_s=lease_s, op_timeout_s=op_timeout_s)
         self._local = MemoryState(limits)  # dedupe + rate limits while Redis is unreachable
         self._local_claims: set[DedupeKey] = set()
         self._incarnation = uuid.uuid4().hex[:16]
         self._seq = itertools.count()
-        self._leases: dict[str, str] = {}  # key -> the value it must hold; renewed by `monitor`
         self._claims: dict[DedupeKey, str] = {}  # our claim tokens
-        self._healthy = False
-        self._latency_ms: float | None = None
-        self._r: aioredis.Redis | None = None
         self._attempt_s = 2 * op_timeout_s
         """How long after it is sent an append may still land on the server (its deadline)."""
         self._releases: set[asyncio.Task[None]] = set()
-        self._went_down = asyncio.Event()
-        self._offset_ms = 0.0
-        self._offset_err_s = op_timeout_s  # until the first probe measures it
+
+    @property
+    def _r(self) -> aioredis.Redis:
+        return self._link.r
 
     async def __aenter__(self) -> Self:
-        self._r = aioredis.Redis.from_url(
-            self._url,
-            socket_timeout=self._op_timeout_s,
-            socket_connect_timeout=self._op_timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
+        up = await self._link.open()
         r = self._r
         self._enter, self._try, self._leave = map(
             r.register_script, (scripts.LOCK_ENTER, scripts.LOCK_TRY, scripts.LOCK_LEAVE)
         )
-        self._renew, self._append, self._claim = map(r.register_script, (scripts.RENEW, scripts.APPEND, scripts.CLAIM))
+        self._append, self._claim = map(r.register_script, (scripts.APPEND, scripts.CLAIM))
         self._complete, self._abandon, self._take = map(
             r.register_script, (scripts.COMPLETE, scripts.ABANDON, scripts.TAKE)
         )
-        self._healthy = True
-        if not await self._probe():
+        if not up:
             log.warning("state.start_degraded", url=redact(self._url), action="stateful requests get state_unavailable")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         for task in list(self._releases):
             task.cancel()
-        if self._r is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self._r.aclose()
-
-    # ---- calls -----------------------------------------------------------------------------------------
-    async def _call(self, step: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis step; fail fast while down; a connection failure marks the backend down."""
-        if not self._healthy or self._r is None:
-            raise StateUnavailableError(retry_after_ms=1000)
-        try:
-            return await step()
-        except _DOWN as err:
-            self._mark_down(err)
-            raise StateUnavailableError(retry_after_ms=1000) from err
-        except RedisError as err:  # refused by the server (OOM, READONLY, ...): this call only
-            log.warning("state.refused", error=type(err).__name__, detail=str(err)[:200])
-            raise StateUnavailableError(retry_after_ms=1000) from err
-
-    def _mark_down(self, err: BaseException) -> None:
-        if self._healthy:
-            log.error("state.unavailable", url=redact(self._url), error=type(err).__name__, action="degraded")
-        self._healthy = False
-        self._went_down.set()
+        await self._link.close()
 
     def _token(self) -> str:
         return f"{self._incarnation}-{next(self._seq)}"
@@ -150,11 +107,10 @@ class RedisState:
 
     async def load(self, key: SessionKey) -> History:
         """See `State.load`; an unreadable item (not ours) is skipped and logged."""
-        assert self._r is not None  # noqa: S101 - only inside the context
         pipe = self._r.pipeline(transaction=False)
         pipe.lrange(self._session(key, "t"), 0, -1)
         pipe.get(self._session(key, "p"))
-        items, prompt = await self._call(pipe.execute)
+        items, prompt = await self._link.call(pipe.execute)
         turns = tuple(t for t in (decode_turn(item) for item in items) if t is not None)
         if len(turns) != len(items):
             log.warning("state.bad_turns", skipped=len(items) - len(turns))
@@ -192,53 +148,33 @@ class RedisState:
             self._session(key, "q"),
             self._session(key, "ids"),
         ]
-        give_up = time.monotonic() + RECORD_ATTEMPTS * self._op_timeout_s
+        give_up = time.monotonic() + RECORD_ATTEMPTS * self._link.op_timeout_s
         last_deadline = 0.0
         while True:
             deadline = time.time() + self._attempt_s
             last_deadline = deadline
-            attempt = functools.partial(self._append, keys=keys, args=[*args, self._server_ms(deadline)])
+            attempt = functools.partial(self._append, keys=keys, args=[*args, self._link.server_ms(deadline)])
             try:
-                result = int(await self._call(attempt))
+                result = int(await self._link.call(attempt))
             except StateUnavailableError:
                 if time.monotonic() >= give_up:
                     break
-                await asyncio.sleep(min(0.25, self._op_timeout_s / 4))  # fails fast while down: monitor probes
+                await self._link.pause()
                 continue
             if result == FENCED:
                 log.warning("state.turn_fenced", project=key[0], reason="this worker's session lease lapsed")
                 raise StateUnavailableError("the session's turn passed to another worker", retry_after_ms=1000)
             if result != EXPIRED:
                 return  # recorded now, or before (a retry)
-        await asyncio.sleep(max(0.0, last_deadline + self._offset_err_s + CLOCK_MARGIN_S - time.time()))
+        await asyncio.sleep(max(0.0, last_deadline + self._link.offset_err_s + CLOCK_MARGIN_S - time.time()))
         raise StateUnavailableError(retry_after_ms=1000)  # every attempt's deadline passed: none can land now
-
-    async def _retried(self, step: Callable[[], Awaitable[T]]) -> T | None:
-        """An idempotent step, retried through a short outage (`RECORD_ATTEMPTS` op timeouts); None: gave up.
-
-        Caching a final reply or giving a claim back must survive a Redis stall of a few seconds: else the
-        claim lapses uncached and a retry of the requestId is generated again, with another answer.
-        """
-        give_up = time.monotonic() + RECORD_ATTEMPTS * self._op_timeout_s
-        while True:
-            try:
-                return await self._call(step)
-            except StateUnavailableError:
-                if time.monotonic() >= give_up:
-                    return None
-                await asyncio.sleep(min(0.25, self._op_timeout_s / 4))
-
-    def _server_ms(self, local_time: float) -> int:
-        """A local wall-clock instant on the server's clock (as last measured by `_probe`)."""
-        return round(local_time * 1000 + self._offset_ms)
 
     async def reset(self, key: SessionKey) -> bool:
         """See `State.reset`: the session and its index entry, in one transaction (one round trip)."""
-        assert self._r is not None  # noqa: S101
         pipe = self._r.pipeline(transaction=True)
         pipe.delete(self._session(key, "t"), self._session(key, "p"), self._session(key, "ids"))
         pipe.zrem(self._index(key[0], "sessions"), self._session_base(key))
-        deleted, _ = await self._call(pipe.execute)
+        deleted, _ = await self._link.call(pipe.execute)
         return bool(deleted)
 
     @contextlib.asynccontextmanager
@@ -246,24 +182,25 @@ class RedisState:
         """See `State.lock`: a FIFO queue in Redis; a waiter blocks until woken (or a bounded wait ends)."""
         queue, token = self._session(key, "q"), self._token()
         alive = f"{queue}:a:{token}"
-        self._leases[alive] = token
-        idle_ms = max(self._lease_ms * 4, round(self._limits.idle_ttl_s * 1000))
-        wake_key, wait_s = f"{queue}:w:{token}", max(0.05, min(0.5, self._op_timeout_s / 2))
+        self._link.leases[alive] = token
+        lease_ms = self._link.lease_ms
+        idle_ms = max(lease_ms * 4, round(self._limits.idle_ttl_s * 1000))
+        wake_key, wait_s = f"{queue}:w:{token}", max(0.05, min(0.5, self._link.op_timeout_s / 2))
         try:
-            got = await self._call(lambda: self._enter(keys=[queue], args=[token, self._lease_ms, idle_ms]))
+            got = await self._link.call(lambda: self._enter(keys=[queue], args=[token, lease_ms, idle_ms]))
             while got != 1:
                 if got == -1:  # our lease lapsed (a long stall): queue again
                     log.warning("state.lock_requeued", project=key[0])
-                    got = await self._call(lambda: self._enter(keys=[queue], args=[token, self._lease_ms, idle_ms]))
+                    got = await self._link.call(lambda: self._enter(keys=[queue], args=[token, lease_ms, idle_ms]))
                     continue
                 # woken when we become the head; the bounded wait also catches a holder that died
-                await self._call(lambda: self._blpop(wake_key, wait_s))
-                got = await self._call(lambda: self._try(keys=[queue], args=[token, self._lease_ms]))
+                await self._link.call(lambda: self._blpop(wake_key, wait_s))
+                got = await self._link.call(lambda: self._try(keys=[queue], args=[token, self._link.lease_ms]))
             yield token
         finally:
-            self._leases.pop(alive, None)
+            self._link.leases.pop(alive, None)
             try:
-                await self._call(lambda: self._leave(keys=[queue], args=[token, self._lease_ms]))
+                await self._link.call(lambda: self._leave(keys=[queue], args=[token, self._link.lease_ms]))
             except StateUnavailableError:  # given back as soon as Redis answers (else it lapses in lease_s)
                 self._release_later(queue, token)
 
@@ -274,18 +211,17 @@ class RedisState:
         task.add_done_callback(self._releases.discard)
 
     async def _retry_release(self, queue: str, token: str) -> None:
-        ends = time.monotonic() + self._lease_ms / 1000
+        ends = time.monotonic() + self._link.lease_ms / 1000
         while time.monotonic() < ends:
-            await asyncio.sleep(min(0.25, self._op_timeout_s / 2))
+            await asyncio.sleep(min(0.25, self._link.op_timeout_s / 2))
             try:
-                await self._call(lambda: self._leave(keys=[queue], args=[token, self._lease_ms]))
+                await self._link.call(lambda: self._leave(keys=[queue], args=[token, self._link.lease_ms]))
             except StateUnavailableError:
                 continue
             log.info("state.lock_released_late", queue=queue.rsplit("/", 2)[0][-64:])
             return
 
     async def _blpop(self, key: str, wait_s: float) -> object:
-        assert self._r is not None  # noqa: S101
         return await self._r.blpop([key], timeout=wait_s)
 
     def sessions(self, project: str) -> int | None:  # noqa: ARG002 - the interface's signature
@@ -302,14 +238,14 @@ class RedisState:
         token = self._token()
         rkey = self._request(key)
         try:
-            reply = await self._call(lambda: self._claim(keys=[rkey], args=[token, self._lease_ms]))
+            reply = await self._link.call(lambda: self._claim(keys=[rkey], args=[token, self._link.lease_ms]))
         except StateUnavailableError:
             self._local_claims.add(key)
             return await self._local.claim(key)
         verdict = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         if verdict == "new":
             self._claims[key] = token
-            self._leases[rkey] = f"c:{token}"
+            self._link.leases[rkey] = f"c:{token}"
             return Claimed(Claim.NEW)
         if verdict == "done":
             return Claimed(Claim.DONE, decode_final(reply[1]))
@@ -322,13 +258,13 @@ class RedisState:
             return await self._local.complete(key, final)
         token = self._claims.pop(key, "")
         rkey = self._request(key)
-        self._leases.pop(rkey, None)
+        self._link.leases.pop(rkey, None)
         window_ms = max(1, round(self._limits.dedupe_window_s * 1000))
         project = key[0]
         keys = [rkey, *(self._index(project, kind) for kind in ("replies", "reply-sizes", "reply-bytes"))]
         bounds = (self._limits.dedupe_max_entries, self._limits.dedupe_max_bytes)
         args: list[str | int] = [token, encode_final(final), window_ms, *bounds]
-        verdict = await self._retried(functools.partial(self._complete, keys=keys, args=args))
+        verdict = await self._link.retried(functools.partial(self._complete, keys=keys, args=args))
         return verdict is None or bool(int(verdict))  # None: not cached, the reply goes out all the same
 
     async def abandon(self, key: DedupeKey) -> bool:
@@ -338,8 +274,8 @@ class RedisState:
             return await self._local.abandon(key)
         token = self._claims.pop(key, "")
         rkey = self._request(key)
-        self._leases.pop(rkey, None)
-        verdict = await self._retried(functools.partial(self._abandon, keys=[rkey], args=[token]))
+        self._link.leases.pop(rkey, None)
+        verdict = await self._link.retried(functools.partial(self._abandon, keys=[rkey], args=[token]))
         return verdict is None or bool(int(verdict))
 
     # ---- rate limits -----------------------------------------------------------------------------------
@@ -350,59 +286,18 @@ class RedisState:
         keys = [f"{self._ns}{b.key[0]}/b/{b.key[1]}" for b in budgets]
         args: list[str | int] = [x for b in budgets for x in (repr(float(b.rate_per_s)), b.burst)]
         try:
-            retry_ms = await self._call(lambda: self._take(keys=keys, args=args))
+            retry_ms = await self._link.call(lambda: self._take(keys=keys, args=args))
         except StateUnavailableError:
             await self._local.take(budgets)
             return
         if int(retry_ms) > 0:
             raise RateLimitedError(retry_after_ms=int(retry_ms))
 
-    def _track_clock(self, server_ms: float, sent_wall: float) -> None:
-        """Server clock minus ours, from one round trip (its error: half the round trip)."""
-        now = time.time()
-        self._offset_ms = server_ms - (sent_wall + now) * 500
-        self._offset_err_s = (now - sent_wall) / 2
-
     # ---- health ----------------------------------------------------------------------------------------
     def health(self) -> StateHealth:
         """See `State.health`."""
-        return StateHealth(self.backend, self._healthy, self._latency_ms, degraded=not self._healthy)
+        return self._link.health(self.backend)
 
     async def monitor(self) -> None:
-        """Renew leases every lease_s/3 (this doubles as the health probe); probe with backoff while down."""
-        backoff = 0.5
-        while True:
-            if self._healthy:
-                with contextlib.suppress(TimeoutError):  # a call that finds Redis down ends the wait at once
-                    async with asyncio.timeout(self._renew_every_s):
-                        await self._went_down.wait()
-                self._went_down.clear()
-                await self._probe()
-            else:
-                await asyncio.sleep(backoff)
-                backoff = 0.5 if await self._probe() else min(backoff * 2, PROBE_MAX_S)
-
-    async def _probe(self) -> bool:
-        """One round trip: renew our leases (or PING); records latency and flips health both ways."""
-        assert self._r is not None  # noqa: S101
-        leases = dict(self._leases)
-        started, started_wall = time.monotonic(), time.time()
-        try:
-            if leases:
-                lost, seconds, micros = await self._renew(keys=list(leases), args=[self._lease_ms, *leases.values()])
-                if int(lost):
-                    log.warning("state.leases_lost", count=int(lost))
-            else:
-                seconds, micros = await self._r.time()
-        except _DOWN as err:
-            self._mark_down(err)
-            return False
-        except RedisError as err:
-            log.warning("state.probe_refused", error=type(err).__name__, detail=str(err)[:200])
-            return False
-        self._latency_ms = round((time.monotonic() - started) * 1000, 2)
-        self._track_clock(int(seconds) * 1000 + int(micros) / 1000, started_wall)
-        if not self._healthy:
-            log.info("state.recovered", url=redact(self._url), latency_ms=self._latency_ms)
-        self._healthy = True
-        return True
+        """See `State.monitor`: the link renews our leases and probes Redis."""
+        await self._link.monitor()

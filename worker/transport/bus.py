@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, Self
@@ -27,21 +26,28 @@ from paho.mqtt.reasoncodes import ReasonCode
 from worker.config import BrokerConfig
 from worker.errors import ConfigError, PublishError
 from worker.message import InboundMessage, is_mqtt_text
+from worker.transport.connect import (
+    RECONNECT_MAX_S,
+    RECONNECT_MIN_S,
+    Attempt,
+    BusConnectError,
+    attempts,
+    clean_start,
+    connect_properties,
+    falls_back,
+    open_until_answered,
+    refusal,
+)
 from worker.transport.mqttclient import Will, make_client, tls_context
-from worker.transport.pahoio import Driver, LoopClient, correlated
+from worker.transport.pahoclient import LoopClient, correlated
+from worker.transport.pahoio import Driver
 
 log = structlog.get_logger(__name__)
+CONNECTED = ReasonCode(PacketTypes.CONNACK, identifier=0)
 
-V5_PROBE_TIMEOUT_S = 3.0
 SUBACK_TIMEOUT_S = 10.0
-UNSUPPORTED_PROTOCOL = 132  # v5 CONNACK reason "Unsupported Protocol Version" (amqtt answers v5 with it)
-NOT_AUTHORIZED = frozenset({4, 5, 134, 135})  # v3 rc 4/5, v5 "Bad user name or password"/"Not authorized"
-RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 30.0
 CLOSE_TIMEOUT_S = 1.0
-
-
-class BusConnectError(ConfigError):
-    """The broker could not be reached or refused us."""
+__all__ = ["Bus", "BusConnectError", "BusFailedError", "BusLostError", "BusSubscribeError"]
 
 
 class BusSubscribeError(ConfigError):
@@ -101,25 +107,16 @@ class Bus:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
-        order = {"5": ["5"], "3.1.1": ["3.1.1"], "auto": ["5", "3.1.1"]}[self._protocol]
-        for version in order:
-            probe = version == "5" and len(order) > 1
-            timeout_s = min(V5_PROBE_TIMEOUT_S, self._cfg.connect_timeout_s) if probe else self._cfg.connect_timeout_s
-            connected, code = await self._connect(version, timeout_s, probe)
-            if connected:
+        for attempt in attempts(self._cfg, self._protocol):
+            code = await self._connect(attempt)
+            if code is CONNECTED:
                 self._keeper = asyncio.create_task(self._keep_connected())  # supervised: _kept, then messages()
                 self._keeper.add_done_callback(self._kept)
                 return self
-            refused_v5 = code is None or code.value == UNSUPPORTED_PROTOCOL
-            if version == "5" and refused_v5 and "3.1.1" in order:
+            if falls_back(attempt, code):
                 log.info("bus.fallback_v311", reason="broker refused MQTT v5")
                 continue
-            host, port, _ = self._cfg.endpoint()
-            if code is None:
-                raise BusConnectError(f"broker {host}:{port} closed the connection before CONNACK")
-            if code.value in NOT_AUTHORIZED:
-                raise BusConnectError(f"broker {host}:{port} refused the credentials ({code})")
-            raise BusConnectError(f"broker {host}:{port} refused the connection ({code})")
+            raise refusal(self._cfg, code)
         raise BusConnectError("no MQTT protocol version accepted by the broker")  # pragma: no cover
 
     async def __aexit__(
@@ -155,63 +152,44 @@ class Bus:
         client.on_subscribe = self._on_subscribe
         return client
 
-    async def _connect(self, version: str, timeout_s: float, probe: bool) -> tuple[bool, ReasonCode | None]:
-        """Connect with one protocol version, retrying refused TCP connects until `timeout_s`.
+    async def _connect(self, attempt: Attempt) -> ReasonCode | None:
+        """Connect with one protocol version, retrying refused TCP connects until its timeout.
 
-        Returns (True, None) on success, else (False, the refusal's reason code, or None when the broker
-        closed the connection or, for a `probe`, did not answer in time: amqtt hangs on v5 CONNECTs that
-        carry properties, such as a Last Will's).
+        Returns `CONNECTED`, else the refusal's reason code, or None when the broker closed the connection
+        or, for a probe, did not answer in time.
         """
         host, port, _ = self._cfg.endpoint()
-        client = self._make_client(version)
+        client = self._make_client(attempt.version)
         driver = Driver(client, (host, port), tls_context(self._cfg), self._cfg.connect_timeout_s, self._fail)
-        self._first_connack = asyncio.get_running_loop().create_future()
+        self._first_connack = connack = asyncio.get_running_loop().create_future()
         self._client, self._driver = client, driver
-        props = None
-        if version == "5" and (self._persistent or self._receive_maximum or self._max_packet_bytes):
-            # (amqtt hangs on CONNECT properties: only the v5 probe, with its short timeout, may meet it)
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            if self._persistent:
-                props.SessionExpiryInterval = self._cfg.session_expiry_s
-            if self._receive_maximum:
-                props.ReceiveMaximum = self._receive_maximum
-            if self._max_packet_bytes:  # the broker discards what is larger instead of sending it
-                props.MaximumPacketSize = self._max_packet_bytes
-        clean = not self._persistent if version == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        props = connect_properties(
+            self._cfg,
+            attempt.version,
+            persistent=self._persistent,
+            receive_maximum=self._receive_maximum,
+            max_packet_bytes=self._max_packet_bytes,
+        )
+        clean = clean_start(attempt.version, persistent=self._persistent)
         client.connect_async(host, port, keepalive=self._cfg.keepalive_s, clean_start=clean, properties=props)
         try:
-            async with asyncio.timeout(timeout_s):
-                code = await self._first_answer(driver)
+            async with asyncio.timeout(attempt.timeout_s):
+                code = await open_until_answered(self._cfg, driver, connack)
         except TimeoutError:
             driver.close()  # never connected: no DISCONNECT to send
             self._client = self._driver = None
-            if probe:
-                return False, None
-            raise BusConnectError(f"cannot reach the MQTT broker at {host}:{port} within {timeout_s:.0f} s") from None
+            if attempt.probe:
+                return None
+            raise BusConnectError(
+                f"cannot reach the MQTT broker at {host}:{port} within {attempt.timeout_s:.0f} s"
+            ) from None
         if code is None or code.is_failure:
             driver.close()
             self._client = self._driver = None
-            return False, code
-        self.is_v5 = version == "5"
+            return code
+        self.is_v5 = attempt.version == "5"
         log.info("bus.connected", host=host, port=port, mqtt="5" if self.is_v5 else "3.1.1", client_id=self._client_id)
-        return True, None
-
-    async def _first_answer(self, driver: Driver) -> ReasonCode | None:
-        """Open the connection (a refused TCP connect is retried: the broker may still be starting)."""
-        assert self._first_connack is not None  # noqa: S101 - set by _connect
-        delay_s = RECONNECT_MIN_S / 4
-        while True:
-            try:
-                await driver.open()
-            except ssl.SSLCertVerificationError as exc:  # retrying cannot help
-                host, port, _ = self._cfg.endpoint()
-                raise BusConnectError(f"broker {host}:{port}: TLS certificate refused ({exc.verify_message})") from None
-            except OSError as exc:
-                log.debug("bus.connect_retry", error=type(exc).__name__)
-                await asyncio.sleep(delay_s)
-                delay_s = min(2 * delay_s, RECONNECT_MIN_S)
-                continue
-            return await self._first_connack
+        return CONNECTED
 
     async def _keep_connected(self) -> None:
         """After a lost connection: reconnect with backoff (1 s doubling to 30 s; a CONNACK resets it)."""

@@ -14,7 +14,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from worker.config import BrokerConfig
-from worker.transport.pahoio import LoopClient
+from worker.transport.pahoclient import LoopClient
 
 
 @dataclass(frozen=True, slots=True)
