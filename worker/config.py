@@ -1,7 +1,8 @@
 """Worker configuration: one pydantic tree, loaded with precedence defaults < file < env < flags.
 
-Env variables are `VLLM_WORKER_<SECTION>__<FIELD>` (e.g. `VLLM_WORKER_BROKER__PASSWORD`); values are
-parsed as JSON when they parse (numbers, booleans, lists) and taken as strings otherwise.
+Env variables are `VLLM_WORKER_<SECTION>__<FIELD>` (e.g. `VLLM_WORKER_BROKER__PASSWORD`); lists and
+tables are given as JSON (`VLLM_WORKER_WORKER__PROJECTS='["maze"]'`). pydantic-settings reads and merges
+the layers (`_Layered`); `load` validates the result as one `WorkerConfig`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, create_model, field_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
-from pydantic_settings.sources.utils import parse_env_vars
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
 
 from worker.errors import ConfigError
 
@@ -253,17 +259,6 @@ class WorkerConfig(_Section):
         return self.model_copy(update={"model": model, "worker": worker, "models": []})
 
 
-_EnvShape = create_model(  # WorkerConfig's fields, read from the environment (see `_env_layer`)
-    "_EnvShape",
-    __base__=BaseSettings,
-    __config__=None,
-    **{name: (field.annotation, Field(default=None)) for name, field in WorkerConfig.model_fields.items()},  # type: ignore[call-overload]
-)
-_EnvShape.model_config = SettingsConfigDict(
-    env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False, extra="ignore"
-)
-
-
 def resolve_path(path: str) -> Path:
     """A relative path as given if it exists under the cwd, else under the checkout root."""
     p = Path(path).expanduser()
@@ -273,54 +268,43 @@ def resolve_path(path: str) -> Path:
     return fallback if fallback.exists() else p
 
 
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+class _Layered(BaseSettings, WorkerConfig):
+    """`WorkerConfig` read through pydantic-settings: flags > `VLLM_WORKER_*` env > TOML file > defaults.
 
-
-def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
-    """The `VLLM_WORKER_<SECTION>__<FIELD>` variables of `env` as a nested dict of what they set.
-
-    Read by pydantic-settings (the ecosystem's convention: `__` nesting, JSON for lists and tables),
-    validated afterwards together with the other layers so precedence stays ours.
+    pydantic-settings deep-merges the layers (a flag sets one field of a section, not the section), parses
+    env values of lists and tables as JSON, and nests on `__`; the result is validated once, as a whole.
     """
-    try:
-        return _EnvSource(env)()
-    except SettingsError as exc:
-        raise ConfigError(f"invalid environment variable: {exc}") from exc
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False, extra="forbid", toml_file=None
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The precedence, first wins: CLI flags (init), the environment, the TOML file; no .env, no secrets dir."""
+        del dotenv_settings, file_secret_settings
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
 
 
-class _EnvSource(EnvSettingsSource):
-    """pydantic-settings' env source over a given mapping (tests and the CLI pass `os.environ`)."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
-        super().__init__(_EnvShape)
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        return parse_env_vars(self._env, case_sensitive=False, ignore_empty=False, parse_none_str=None)
-
-
-def load(
-    file: Path | None = None,
-    env: Mapping[str, str] | None = None,
-    flags: Mapping[str, Any] | None = None,
-) -> WorkerConfig:
-    """Build the config: defaults < TOML file < `VLLM_WORKER_*` env < CLI flags (nested dicts)."""
-    data: dict[str, Any] = {}
+def load(file: Path | None = None, flags: Mapping[str, Any] | None = None) -> WorkerConfig:
+    """Build the config: defaults < TOML `file` < `VLLM_WORKER_*` environment < CLI `flags` (nested dicts)."""
     if file is not None:
         try:
-            data = tomllib.loads(file.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+            tomllib.loads(file.read_text(encoding="utf-8"))  # a missing or broken file is an error, not "no file"
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {file}: {exc}") from exc
-    data = _merge(data, _env_layer(env or {}))
-    data = _merge(data, flags or {})
+    layered = type("_FromFile", (_Layered,), {"model_config": {**_Layered.model_config, "toml_file": file}})
     try:
-        return WorkerConfig.model_validate(data)
+        values = layered(**(flags or {}))
+    except SettingsError as exc:
+        raise ConfigError(f"invalid environment variable: {exc}") from exc
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration:\n{exc}") from exc
+    return WorkerConfig.model_validate(dict(values))

@@ -262,7 +262,9 @@ async def test_14_secrets_never_reach_the_logs_at_any_level(tmp_path):
     assert secret not in logs
     assert key_marker not in logs
     with capture_logs() as captured:
-        cfg = load(None, {"VLLM_WORKER_BROKER__PASSWORD": secret}, {})
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("VLLM_WORKER_BROKER__PASSWORD", secret)
+            cfg = load()
         import structlog
 
         structlog.get_logger("t").debug("config.loaded", config=repr(cfg), password=secret)
@@ -282,7 +284,7 @@ async def test_15_retained_status_leak_of_amqtt_is_contained_and_embedded_binds_
             assert reply.ok
     assert all(m.topic.startswith("vllm-worker/") for m in leaked)  # documented limit (README)
     with pytest.raises(ConfigError, match="loopback"):
-        load(None, {}, {"broker": {"embedded_host": "0.0.0.0"}})
+        load(None, {"broker": {"embedded_host": "0.0.0.0"}})
 
 
 async def test_16_sigterm_stops_the_worker_after_its_log_reader_went_away():

@@ -31,7 +31,7 @@ def ready(got, worker_id: str) -> bool:
 
 
 def test_config_for_model_entry_is_a_single_model_config(tmp_path):
-    cfg = load(write_config(tmp_path, "sv"), {}, {})
+    cfg = load(write_config(tmp_path, "sv"))
     child = cfg.for_model(1, 0.3)
     assert child.worker.projects == ["driving", "racing"]
     assert child.model.gpu_memory_utilization == 0.3

@@ -102,7 +102,7 @@ def flags_to_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def _config_from(args: argparse.Namespace) -> WorkerConfig:
     file = args.config or os.environ.get("VLLM_WORKER_CONFIG")
-    return load(Path(file) if file else None, os.environ, flags_to_config(args))
+    return load(Path(file) if file else None, flags_to_config(args))
 
 
 def _ensure_model(cfg: WorkerConfig) -> Path:
