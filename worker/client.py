@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import inspect
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +29,8 @@ from worker.transport.bus import Bus
 MAX_WORKERS_TRACKED = 1024
 MAX_PROJECTS, MAX_NAME_CHARS = 256, 128
 """What is kept of a worker's project list (a status is broker data: bounded in bytes, not only entries)."""
+ToolRunner = Callable[[str, dict[str, Any]], Any]
+"""Runs one tool call: `(name, arguments) -> result` (text, or JSON-able), sync or async."""
 STATUS_GRACE_S = 0.5
 """Retained statuses arrive right after subscribing: only after this long is a client said to wait."""
 
@@ -43,10 +47,19 @@ class Reply:
     retry_after_ms: int | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
+    previous: tuple[Reply, ...] = ()
+    """With `on_tool`: the replies of the earlier rounds (each ended in tool calls), oldest first."""
+
     @property
     def ok(self) -> bool:
         """True for an answer, False for an error reply."""
         return self.error_code is None
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """The calls the model made (`finish_reason == "tool_calls"`): `{id, name, arguments[, error]}`."""
+        calls = self.raw.get("toolCalls")
+        return [c for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,17 +191,11 @@ class Client:
             await self._bus.subscribe([topic])
         return topic
 
-    def _body(self, message: str, session: str, request_id: str, fields: dict[str, Any]) -> bytes:
-        body = {
-            "v": 2,
-            "message": message,
-            "sessionId": session,
-            "clientId": self.client_id,
-            "requestId": request_id,
-        }
+    def _body(self, message: str | None, session: str, request_id: str, fields: dict[str, Any]) -> bytes:
+        body: dict[str, Any] = {"v": 2, "sessionId": session, "clientId": self.client_id, "requestId": request_id}
+        if message is not None and "messages" not in fields:  # a stateless full chat replaces the message
+            body["message"] = message
         body.update(fields)
-        if "messages" in fields:  # a stateless full chat replaces the single message
-            del body["message"]
         return json.dumps(body).encode()
 
     @contextlib.asynccontextmanager
@@ -237,11 +244,32 @@ class Client:
         timeout_s: float = 120.0,
         retries: int = 2,
         request_id: str | None = None,
-        **fields: Any,  # noqa: ANN401 - protocol fields (temperature, maxTokens, ...)
+        on_tool: ToolRunner | None = None,
+        max_tool_rounds: int = 4,
+        **fields: Any,  # noqa: ANN401 - protocol fields (temperature, maxTokens, tools, toolChoice, ...)
     ) -> Reply:
-        """Send one request and wait for its final reply; resend (same requestId) up to `retries` times."""
+        """Send one request and wait for its final reply; resend (same requestId) up to `retries` times.
+
+        With `tools` (a protocol field) and `on_tool(name, arguments) -> result`, calls the model makes are
+        run here and their results sent back on the same session, up to `max_tool_rounds` rounds; the
+        returned reply is the last one, with the earlier rounds in `previous`. A call the worker marked
+        unrunnable (`error`) is answered with that error, so the model can correct itself.
+        """
         request_id = request_id or uuid.uuid4().hex
         payload = self._body(message, session, request_id, fields)
+        reply = await self._ask_once(project, payload, request_id, timeout_s, retries)
+        rounds: list[Reply] = []
+        follow = {k: v for k, v in fields.items() if k != "toolChoice"}  # forcing a call again would loop
+        while on_tool is not None and reply.finish_reason == "tool_calls" and len(rounds) < max_tool_rounds:
+            results = [{"toolCallId": str(c.get("id")), "content": await _run(on_tool, c)} for c in reply.tool_calls]
+            rounds.append(reply)
+            next_id = f"{request_id}.t{len(rounds)}"
+            payload = self._body(None, session, next_id, {**follow, "toolResults": results})
+            reply = await self._ask_once(project, payload, next_id, timeout_s, retries)
+        return dataclasses.replace(reply, previous=tuple(rounds)) if rounds else reply
+
+    async def _ask_once(self, project: str, payload: bytes, request_id: str, timeout_s: float, retries: int) -> Reply:
+        """Publish one request and wait for its final reply, resending it (same requestId) on a timeout."""
         async with self._inbox(project, request_id) as inbox:
             for attempt in range(retries + 1):
                 await self._bus.publish(self._topics.user_input(project), payload)
@@ -275,6 +303,21 @@ class Client:
                     return True
             except TimeoutError:
                 return False
+
+
+async def _run(on_tool: ToolRunner, call: dict[str, Any]) -> str:
+    """One call's result as the text sent back (a runner's exception is reported to the model, not raised)."""
+    if call.get("error"):
+        return f"error: {call['error']}"
+    given = call.get("arguments")
+    arguments: dict[str, Any] = given if isinstance(given, dict) else {}
+    try:
+        result = on_tool(str(call.get("name")), arguments)
+        if inspect.isawaitable(result):
+            result = await result
+    except Exception as exc:  # noqa: BLE001 - the tool's failure is the model's information
+        return f"error: {type(exc).__name__}: {exc}"
+    return result if isinstance(result, str) else json.dumps(result)
 
 
 def _reply(body: dict[str, Any]) -> Reply:

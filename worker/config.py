@@ -117,6 +117,11 @@ class ModelConfig(_Section):
     """None = eager on CPU (13 s start vs 110 s for torch.compile there), compiled on GPU."""
     cpu_kvcache_space_gib: int | None = Field(None, gt=0)
     """KV cache on CPU in GiB (VLLM_CPU_KVCACHE_SPACE); None = sized by the planner for max_num_seqs."""
+    chat_template: str | None = None
+    """A Jinja chat template file rendered instead of the model's own (e.g. one that renders tools)."""
+    tool_call_parser: str | None = "auto"
+    """vLLM's tool-call parser (`--tool-call-parser` names: hermes, llama3_json, mistral, ...); `auto`
+    chooses from the chat template (`engine/chat_templates.py`); None: requests with tools are refused."""
     enable_prefix_caching: bool = True
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     """"priority" lets a request's `priority` field (lower first) reorder the engine's waiting queue."""

@@ -14,6 +14,7 @@ from typing import Protocol, Self
 
 from worker.engine.adapters import Adapter
 from worker.protocol.messages import ChatMessage, Sampling
+from worker.protocol.tools import ToolSet
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,14 +27,34 @@ class Prompt:
 
 
 @dataclass(frozen=True, slots=True)
+class RawCall:
+    """A tool call as the engine's parser read it from the output: `arguments` as the model wrote them."""
+
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A whole output split by the model's parsers: the text for the user, the tool calls made."""
+
+    content: str
+    calls: tuple[RawCall, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Delta:
-    """New text since the previous delta; the last one of a request carries `finish_reason`."""
+    """New text since the previous delta; the last one of a request carries `finish_reason`.
+
+    With tools, the last one also carries `parsed`: the whole output split into content and calls.
+    """
 
     text: str
     new_tokens: int
     finish_reason: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    parsed: Parsed | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +97,8 @@ class Engine(Protocol):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None: ...
 
-    async def render(self, messages: Sequence[ChatMessage]) -> Prompt:
-        """Apply the chat template (with the generation prompt) and tokenize."""
+    async def render(self, messages: Sequence[ChatMessage], tools: ToolSet | None = None) -> Prompt:
+        """Apply the chat template (with the generation prompt and the tools offered) and tokenize."""
         ...
 
     async def count_tokens(self, text: str) -> int:
@@ -85,12 +106,20 @@ class Engine(Protocol):
         ...
 
     def generate(
-        self, prompt: Prompt, sampling: Sampling, request_id: str, priority: int = 0, adapter: Adapter | None = None
+        self,
+        prompt: Prompt,
+        sampling: Sampling,
+        request_id: str,
+        priority: int = 0,
+        adapter: Adapter | None = None,
+        *,
+        tools: ToolSet | None = None,
     ) -> AsyncIterator[Delta]:
         """Stream deltas; cancelling the consumer aborts the request and frees its KV cache.
 
         `priority` (lower first) matters only when the engine schedules by priority; `adapter` runs the
-        request with that LoRA (batched with requests of other adapters and of none).
+        request with that LoRA (batched with requests of other adapters and of none). With active `tools`
+        the engine constrains the output as `tools.choice` demands and parses the calls (`Delta.parsed`).
         """
         ...
 

@@ -15,9 +15,10 @@ from typing import Any, Self
 import structlog
 
 from worker.engine.adapters import Adapter
-from worker.engine.base import Delta, EngineStats, Prompt
+from worker.engine.base import Delta, EngineStats, Parsed, Prompt, RawCall
 from worker.errors import BadRequestError, EngineDeadError, EngineError
 from worker.protocol.messages import ChatMessage, Sampling
+from worker.protocol.tools import ToolSet
 
 Script = Callable[[Prompt], str]
 log = structlog.get_logger(__name__)
@@ -58,6 +59,44 @@ def schema_example(schema_json: str) -> str:
     props = schema.get("properties", {}) if isinstance(schema, dict) else {}
     instance = {name: defaults.get(str(spec.get("type"))) for name, spec in props.items() if isinstance(spec, dict)}
     return json.dumps(instance)
+
+
+def tool_calls(prompt: Prompt, tools: ToolSet) -> tuple[RawCall, ...]:
+    """The calls the fake makes, scripted by the last user message: each word `call:NAME` or `call:NAME:JSON`.
+
+    A chat whose last message is a tool result makes no call (the fake answers with the results), unless
+    the choice forces one. `required` without a scripted call calls the first tool; a named choice calls
+    that tool (with the scripted arguments, if any). Arguments default to a minimal instance of the schema.
+    """
+    last = prompt.messages[-1] if prompt.messages else None
+    scripted: list[RawCall] = []
+    if last is not None and last.role == "user":
+        for word in last.content.split():
+            if word.startswith("call:"):
+                name, _, arguments = word[len("call:") :].partition(":")
+                spec = tools.spec(name)
+                default = schema_example(spec.parameters) if spec is not None and spec.parameters else "{}"
+                scripted.append(RawCall(name, arguments or default))
+    if tools.named is not None:
+        spec = tools.spec(tools.named)
+        scripted = [c for c in scripted if c.name == tools.named][:1]
+        return tuple(scripted) or (
+            RawCall(tools.named, schema_example(spec.parameters) if spec and spec.parameters else "{}"),
+        )
+    if tools.choice == "required" and not scripted:
+        first = tools.specs[0]
+        return (RawCall(first.name, schema_example(first.parameters) if first.parameters else "{}"),)
+    return tuple(scripted)
+
+
+def tool_answer(prompt: Prompt) -> str | None:
+    """After tool results, the fake answers with them: `results: <content> | <content>`."""
+    results: list[str] = []
+    for message in reversed(prompt.messages):
+        if message.role != "tool":
+            break
+        results.insert(0, message.content)
+    return "results: " + " | ".join(results) if results else None
 
 
 class FakeEngine:
@@ -116,11 +155,12 @@ class FakeEngine:
     ) -> None:
         return None
 
-    async def render(self, messages: Sequence[ChatMessage]) -> Prompt:
-        """ChatML-like text; one token per whitespace-separated word plus two per turn."""
-        text = "".join(f"<|{m.role}|>{m.content}\n" for m in messages) + "<|assistant|>"
-        count = sum(len(m.content.split()) + 2 for m in messages) + 1
-        return Prompt(tuple(messages), text, tuple(range(count)))
+    async def render(self, messages: Sequence[ChatMessage], tools: ToolSet | None = None) -> Prompt:
+        """ChatML-like text; one token per whitespace-separated word plus two per turn (and per tool offered)."""
+        offered = "".join(f"<|tool|>{t.name}\n" for t in tools.specs) if tools is not None else ""
+        text = offered + "".join(f"<|{m.role}|>{m.content}{_calls_text(m)}\n" for m in messages) + "<|assistant|>"
+        count = sum(len(m.content.split()) + 2 + 2 * len(m.tool_calls) for m in messages) + 1
+        return Prompt(tuple(messages), text, tuple(range(count + 2 * len(offered.splitlines()))))
 
     async def count_tokens(self, text: str) -> int:
         """Whitespace tokens."""
@@ -135,7 +175,14 @@ class FakeEngine:
         self.adapters.pop(adapter.id, None)
 
     async def generate(
-        self, prompt: Prompt, sampling: Sampling, request_id: str, priority: int = 0, adapter: Adapter | None = None
+        self,
+        prompt: Prompt,
+        sampling: Sampling,
+        request_id: str,
+        priority: int = 0,
+        adapter: Adapter | None = None,
+        *,
+        tools: ToolSet | None = None,
     ) -> AsyncIterator[Delta]:
         """Yield the scripted answer word by word (a schema-shaped JSON object when a schema is given).
 
@@ -147,14 +194,7 @@ class FakeEngine:
         _remember(self.priorities, priority)
         if self._log_generations:  # one line per generation: the chaos checker counts them per requestId
             log.info("fake.generated", request_id=request_id)
-        answer = schema_example(sampling.json_schema) if sampling.json_schema else self._script(prompt)
-        if adapter is not None:
-            if adapter.id not in self.adapters:
-                raise EngineError(f"adapter {adapter.name} is not loaded")
-            answer = f"[{adapter.name}] {answer}"
-        cuts = [i for stop in sampling.stop if (i := answer.find(stop)) >= 0]
-        answer = answer[: min(cuts)] if cuts else answer
-        words = answer.split(" ")
+        calls, words = self._words(prompt, sampling, tools, adapter)
         limit = min(len(words), sampling.max_tokens)
         self.running += 1
         self.max_running_seen = max(self.max_running_seen, self.running)
@@ -168,17 +208,40 @@ class FakeEngine:
                     await asyncio.sleep(self._token_delay_s)
                 last = i == limit - 1
                 reason = ("stop" if limit == len(words) else "length") if last else None
+                parsed = None
+                if last and tools is not None:
+                    parsed = Parsed("", calls) if calls and reason == "stop" else Parsed(" ".join(words[:limit]))
                 yield Delta(
                     text=word if i == 0 else " " + word,
                     new_tokens=1,
                     finish_reason=reason,
                     prompt_tokens=len(prompt.token_ids),
+                    parsed=parsed,
                 )
         except asyncio.CancelledError:
             _remember(self.aborted, request_id)
             raise
         finally:
             self.running -= 1
+
+    def _words(
+        self, prompt: Prompt, sampling: Sampling, tools: ToolSet | None, adapter: Adapter | None
+    ) -> tuple[tuple[RawCall, ...], list[str]]:
+        """The calls to make (written Hermes-style) or the scripted answer, cut at a stop string, as words."""
+        calls = tool_calls(prompt, tools) if tools is not None and tools.active else ()
+        if calls:
+            answer = " ".join(_hermes(c) for c in calls)
+        elif tools is not None and (after_tools := tool_answer(prompt)) is not None:
+            answer = after_tools
+        else:
+            answer = schema_example(sampling.json_schema) if sampling.json_schema else self._script(prompt)
+        if adapter is not None:
+            if adapter.id not in self.adapters:
+                raise EngineError(f"adapter {adapter.name} is not loaded")
+            answer = f"[{adapter.name}] {answer}"
+        cuts = [i for stop in sampling.stop if (i := answer.find(stop)) >= 0]
+        answer = answer[: min(cuts)] if cuts else answer
+        return calls, answer.split(" ")
 
     async def check_health(self) -> None:
         """Dead once `dead` is set (tests simulate an engine crash with it)."""
@@ -192,6 +255,15 @@ class FakeEngine:
     def inflight(self) -> int:
         """Requests generating right now (a cancelled consumer is counted out at once)."""
         return self.running
+
+
+def _hermes(call: RawCall) -> str:
+    """A call as a Hermes-style model writes it (one word: the fake streams whitespace-separated words)."""
+    return f'<tool_call>{{"name":"{call.name}","arguments":{call.arguments}}}</tool_call>'.replace(" ", "")
+
+
+def _calls_text(message: ChatMessage) -> str:
+    return "".join(_hermes(RawCall(c.name, c.arguments)) for c in message.tool_calls)
 
 
 KEEP_HISTORY = 256

@@ -7,6 +7,7 @@ request. Start-up is run in a thread (it blocks for ~13 s on CPU) so the event l
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -21,11 +22,14 @@ from worker.config import ModelConfig
 from worker.engine import parallel
 from worker.engine.adapters import Adapter
 from worker.engine.base import Delta, EngineStats, Prompt
+from worker.engine.chat_templates import tool_format
 from worker.engine.quantization import QuantPlan
 from worker.engine.stats import StatsAggregator
+from worker.engine.vllm_parsing import Prepared, ToolParsing
 from worker.engine.vllm_preflight import gpu_present, layout_of, preflight
 from worker.errors import BadRequestError, EngineDeadError, EngineError, OverloadedError
 from worker.protocol.messages import ChatMessage, Sampling
+from worker.protocol.tools import ToolSet
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +52,8 @@ class VllmEngine:
         self._max_model_len = cfg.max_model_len
         self._stats = StatsAggregator()
         self._plan: QuantPlan | None = None
+        self._template: str | None = None
+        self._tools: ToolParsing | None = None
         self.start_s = 0.0
 
     @property
@@ -124,6 +130,11 @@ class VllmEngine:
         self._max_model_len = int(model_config.max_model_len)
         self._quantization = str(model_config.quantization or "none")
         self._tokenizer = self._llm.get_tokenizer()
+        own = getattr(self._tokenizer, "chat_template", None)
+        fmt = tool_format(own if isinstance(own, str) else None, self._cfg.chat_template, self._cfg.tool_call_parser)
+        self._template = fmt.template
+        self._tools = ToolParsing(self._tokenizer, fmt.parser) if fmt.parser else None
+        log.info("engine.tools", parser=fmt.parser, template="configured" if fmt.template else "the model's own")
 
     async def __aenter__(self) -> Self:
         await asyncio.to_thread(self._start)
@@ -146,16 +157,19 @@ class VllmEngine:
             await asyncio.to_thread(llm.shutdown, SHUTDOWN_TIMEOUT_S)
             log.info("engine.stopped")
 
-    def _render_sync(self, messages: Sequence[ChatMessage]) -> Prompt:
-        chat = [{"role": m.role, "content": m.content} for m in messages]
-        text = self._tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    def _render_sync(self, messages: Sequence[ChatMessage], tools: ToolSet | None) -> Prompt:
+        chat = [_chat_entry(m) for m in messages]
+        offered = [spec.openai() for spec in tools.specs] if tools is not None and tools.active else None
+        text = self._tokenizer.apply_chat_template(
+            chat, tools=offered, chat_template=self._template, tokenize=False, add_generation_prompt=True
+        )
         # The template already holds any BOS the model wants.
         ids = self._tokenizer.encode(text, add_special_tokens=False)
         return Prompt(tuple(messages), str(text), tuple(int(i) for i in ids))
 
-    async def render(self, messages: Sequence[ChatMessage]) -> Prompt:
-        """Chat template + tokenization on the tokenizer thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._tok_pool, self._render_sync, messages)
+    async def render(self, messages: Sequence[ChatMessage], tools: ToolSet | None = None) -> Prompt:
+        """Chat template (with the tools offered) + tokenization on the tokenizer thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._tok_pool, self._render_sync, messages, tools)
 
     async def count_tokens(self, text: str) -> int:
         """Token count of plain text (no template)."""
@@ -180,9 +194,20 @@ class VllmEngine:
             await self._llm.remove_lora(adapter.id)
 
     async def generate(
-        self, prompt: Prompt, sampling: Sampling, request_id: str, priority: int = 0, adapter: Adapter | None = None
+        self,
+        prompt: Prompt,
+        sampling: Sampling,
+        request_id: str,
+        priority: int = 0,
+        adapter: Adapter | None = None,
+        *,
+        tools: ToolSet | None = None,
     ) -> AsyncIterator[Delta]:
-        """Stream DELTA outputs; cancellation propagates into AsyncLLM, which aborts the request."""
+        """Stream DELTA outputs; cancellation propagates into AsyncLLM, which aborts the request.
+
+        With active tools, vLLM's parser for the model constrains the output as the choice demands and
+        splits the whole output into content and calls on the last delta (`vllm_parsing`).
+        """
         from vllm.exceptions import GracefulHTTPError, VLLMClientError  # noqa: PLC0415
         from vllm.inputs import TokensPrompt  # noqa: PLC0415
         from vllm.sampling_params import (  # noqa: PLC0415
@@ -194,6 +219,8 @@ class VllmEngine:
 
         if self._llm is None:
             raise EngineDeadError("engine is not running")
+        prepared = self._prepare_tools(tools)
+        structured = StructuredOutputsParams(json=sampling.json_schema) if sampling.json_schema else None
         params = SamplingParams(
             temperature=sampling.temperature,
             top_p=sampling.top_p,
@@ -203,20 +230,28 @@ class VllmEngine:
             seed=sampling.seed,
             ignore_eos=sampling.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
-            structured_outputs=StructuredOutputsParams(json=sampling.json_schema) if sampling.json_schema else None,
+            structured_outputs=prepared.structured_outputs if prepared is not None else structured,
+            skip_special_tokens=prepared.skip_special_tokens if prepared is not None else True,
         )
         try:
             tokens = TokensPrompt(prompt_token_ids=list(prompt.token_ids))
             lora = _lora_request(adapter) if adapter is not None else None
             stream = self._llm.generate(tokens, params, request_id, priority=priority, lora_request=lora)
+            whole: list[str] = []
             async for out in stream:
                 completion = out.outputs[0]
+                parsed = None
+                if prepared is not None:
+                    whole.append(completion.text)
+                    if out.finished and self._tools is not None:
+                        parsed = self._tools.parse(prepared, "".join(whole))
                 yield Delta(
                     text=completion.text,
                     new_tokens=len(completion.token_ids),
                     finish_reason=completion.finish_reason if out.finished else None,
                     prompt_tokens=len(prompt.token_ids),
                     cached_tokens=int(out.num_cached_tokens or 0),
+                    parsed=parsed,
                 )
         except VllmDeadError as exc:
             raise EngineDeadError(str(exc)) from exc
@@ -228,6 +263,16 @@ class VllmEngine:
             raise
         except Exception as exc:
             raise EngineError(type(exc).__name__) from exc
+
+    def _prepare_tools(self, tools: ToolSet | None) -> Prepared | None:
+        """The parser's adjusted request for active tools; BadRequestError when this model has no tool parser."""
+        if tools is None or not tools.active:
+            return None
+        if self._tools is None:
+            raise BadRequestError(
+                "this worker's model has no tool-call parser: set model.tool_call_parser (and model.chat_template)"
+            )
+        return self._tools.prepare(tools)
 
     async def check_health(self) -> None:
         """AsyncLLM.check_health raises once the engine-core process is gone."""
@@ -247,6 +292,26 @@ class VllmEngine:
     def inflight(self) -> int:
         """Unfinished requests in AsyncLLM's output processor (an abort removes its request)."""
         return 0 if self._llm is None else int(self._llm.get_num_unfinished_requests())
+
+
+def _chat_entry(message: ChatMessage) -> dict[str, Any]:
+    """A chat message as chat templates take it (OpenAI's shape, arguments as an object)."""
+    entry: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        entry["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        entry["tool_call_id"] = message.tool_call_id
+    return entry
+
+
+def _arguments(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _lora_request(adapter: Adapter) -> Any:  # noqa: ANN401 - vllm's LoRARequest

@@ -11,17 +11,20 @@ from typing import Literal
 
 from worker.errors import WorkerError
 from worker.projects import Project
+from worker.protocol.tools import ToolCall, ToolResult, ToolSet
 from worker.protocol.topics import Dialect
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
-    """One chat turn."""
+    """One chat turn: an assistant's may carry the tool calls it made; a `tool` one answers `tool_call_id`."""
 
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,15 @@ class Request:
     priority: int
     received_at: float
     unknown_fields: tuple[str, ...] = ()
+    tools: ToolSet | None = None
+    """The functions the model may call (v2)."""
+    tool_results: tuple[ToolResult, ...] = ()
+    """Answers to the calls the session's last turn made (v2, stateful); `message` is then optional."""
+
+    @property
+    def uses_tools(self) -> bool:
+        """Whether the model may call a tool in this request."""
+        return self.tools is not None and self.tools.active
 
     @property
     def session_key(self) -> tuple[str, str, str]:

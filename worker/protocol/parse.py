@@ -17,17 +17,17 @@ import structlog
 from worker.errors import BadRequestError, TooLargeError, UnknownProjectError, WorkerError
 from worker.message import InboundMessage
 from worker.projects import Project
+from worker.protocol.chat import parse_chat
 from worker.protocol.messages import Cancel, ChatMessage, Rejected, Request, Reset, Route, Sampling
 from worker.protocol.payload import decode
 from worker.protocol.schemas import check_schema
+from worker.protocol.tools import ToolResult, ToolSet, parse_results, parse_tools
 from worker.protocol.topics import DEFAULT_SESSION, Dialect, Topics, is_reply_topic, is_valid_id
 
 log = structlog.get_logger(__name__)
 
 ROUTING_PARSE_LIMIT_BYTES = 1024 * 1024
 """Payloads over max size are still parsed (to find a v2 reply route) up to this size."""
-MAX_CHAT_MESSAGES = 256
-"""Entries of a stateless `messages` list."""
 MAX_STOP_CHARS = 256
 """Length of one stop sequence."""
 KNOWN_FIELDS = frozenset(
@@ -50,8 +50,12 @@ KNOWN_FIELDS = frozenset(
         "deadlineMs",
         "v",
         "priority",
+        "tools",
+        "toolChoice",
+        "toolResults",
     }
 )
+TOOL_FIELDS = ("tools", "toolChoice", "toolResults")
 
 
 class _Parser:
@@ -157,7 +161,8 @@ class _Parser:
 
     def _request(self, body: dict[str, Any], project: Project) -> Request:
         assert self.route is not None  # noqa: S101 - set by _route_from
-        message, messages = self._text(body, project)
+        tools, results = self._tools(body, project)
+        message, messages = self._text(body, project, results)
         system_prompt = _opt_str(body, "systemPrompt", self)
         if system_prompt is not None and len(system_prompt) > project.limits.max_message_chars:
             raise self.fail(TooLargeError("systemPrompt is too long"))
@@ -184,41 +189,47 @@ class _Parser:
             priority=priority,
             received_at=time.monotonic(),
             unknown_fields=tuple(sorted(k for k in body if k not in KNOWN_FIELDS)),
+            tools=tools,
+            tool_results=results,
         )
 
-    def _text(self, body: dict[str, Any], project: Project) -> tuple[str | None, tuple[ChatMessage, ...] | None]:
+    def _tools(self, body: dict[str, Any], project: Project) -> tuple[ToolSet | None, tuple[ToolResult, ...]]:
+        """`tools`, `toolChoice`, `toolResults` (v2 only: a classic reply has no place for a tool call)."""
+        assert self.route is not None  # noqa: S101 - set by _route_from
+        if not any(body.get(field) is not None for field in TOOL_FIELDS):
+            return None, ()
+        if self.route.dialect is not Dialect.V2:
+            raise self.fail(BadRequestError("tools, toolChoice and toolResults need the v2 protocol (v: 2)"))
+        if "toolResults" in body and "messages" in body:
+            raise self.fail(
+                BadRequestError("toolResults answer a session's turn; stateless chats send role tool messages")
+            )
+        try:
+            return parse_tools(body.get("tools"), body.get("toolChoice")), parse_results(
+                body.get("toolResults"), project.limits.max_message_chars
+            )
+        except (BadRequestError, TooLargeError) as err:
+            raise self.fail(err) from None
+
+    def _text(
+        self, body: dict[str, Any], project: Project, results: tuple[ToolResult, ...]
+    ) -> tuple[str | None, tuple[ChatMessage, ...] | None]:
         limit = project.limits.max_message_chars
         if "messages" in body:
             if "message" in body:
                 raise self.fail(BadRequestError("send either message or messages, not both"))
-            return None, self._messages(body["messages"], limit)
+            try:
+                return None, parse_chat(body["messages"], limit)
+            except (BadRequestError, TooLargeError) as err:
+                raise self.fail(err) from None
         message = body.get("message")
+        if message is None and results:
+            return None, None  # the turn is the tool results alone
         if not isinstance(message, str) or not message.strip():
             raise self.fail(BadRequestError("message must be a non-empty string"))
         if len(message) > limit:
             raise self.fail(TooLargeError(f"message is {len(message)} characters, limit {limit}"))
         return message, None
-
-    def _messages(self, raw: object, limit: int) -> tuple[ChatMessage, ...]:
-        if not isinstance(raw, list) or not raw:
-            raise self.fail(BadRequestError("messages must be a non-empty list of {role, content}"))
-        if len(raw) > MAX_CHAT_MESSAGES:
-            raise self.fail(TooLargeError(f"messages has {len(raw)} entries, limit {MAX_CHAT_MESSAGES}"))
-        out: list[ChatMessage] = []
-        total = 0
-        for item in raw:
-            if not isinstance(item, dict):
-                raise self.fail(BadRequestError("each message must be an object {role, content}"))
-            role, content = item.get("role"), item.get("content")
-            if role not in ("system", "user", "assistant") or not isinstance(content, str):
-                raise self.fail(BadRequestError("role must be system, user or assistant; content a string"))
-            total += len(content)
-            out.append(ChatMessage(role, content))
-        if total > limit:
-            raise self.fail(TooLargeError(f"messages hold {total} characters, limit {limit}"))
-        if out[-1].role != "user":
-            raise self.fail(BadRequestError("the last message must have role user"))
-        return tuple(out)
 
     def _sampling(self, body: dict[str, Any], project: Project) -> Sampling:
         d, lim = project.defaults, project.limits

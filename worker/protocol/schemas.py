@@ -16,16 +16,16 @@ import jsonschema
 MAX_SCHEMA_BYTES = 16 * 1024
 
 
-def check_schema(schema: object) -> tuple[str | None, str | None]:  # noqa: PLR0911 - one refusal per check
-    """(canonical JSON of the schema, None) when usable, else (None, why not). Never raises."""
+def check_schema(schema: object, field: str = "jsonSchema") -> tuple[str | None, str | None]:  # noqa: PLR0911
+    """(canonical JSON of the schema, None) when usable, else (None, why not, naming `field`). Never raises."""
     if not isinstance(schema, dict):
-        return None, "jsonSchema must be a JSON Schema object"
+        return None, f"{field} must be a JSON Schema object"
     try:
         canonical = json.dumps(schema, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError, RecursionError):  # an OversizedNumber, NaN or a cycle cannot be encoded
-        return None, "jsonSchema holds values that are not plain JSON"
+        return None, f"{field} holds values that are not plain JSON"
     if len(canonical) > MAX_SCHEMA_BYTES:
-        return None, f"jsonSchema is {len(canonical)} bytes, limit {MAX_SCHEMA_BYTES}"
+        return None, f"{field} is {len(canonical)} bytes, limit {MAX_SCHEMA_BYTES}"
     if not isinstance(schema.get("$schema", ""), str):
         return None, "$schema must be a string"
     bad_ref = _external_ref(schema)
@@ -34,9 +34,9 @@ def check_schema(schema: object) -> tuple[str | None, str | None]:  # noqa: PLR0
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
-        return None, f"jsonSchema is not a valid JSON Schema: {exc.message[:200]}"
+        return None, f"{field} is not a valid JSON Schema: {exc.message[:200]}"
     except Exception as exc:  # noqa: BLE001 - a third-party check on hostile input: any failure is a refusal
-        return None, f"jsonSchema could not be checked ({type(exc).__name__})"
+        return None, f"{field} could not be checked ({type(exc).__name__})"
     return canonical, None
 
 

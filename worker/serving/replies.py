@@ -29,6 +29,7 @@ from worker.protocol import (
     v2_message,
 )
 from worker.protocol.encode import ReasoningFilter
+from worker.protocol.tools import ToolCall
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +57,8 @@ class Outcome:
     queue_ms: int
     ttft_ms: int
     total_ms: int
+    tool_calls: tuple[ToolCall, ...] = ()
+    """The calls the answer made (finish reason `tool_calls`); an unrunnable one carries its `error`."""
 
 
 class VisibleText:
@@ -143,9 +146,11 @@ class Stream:
         self._seq += 1
         self._sent.append(delta)
         self._pending_tokens, self._last_flush = 0, now
+        await self._chunk(v2_message(self.route, self._seq, done=False, delta=delta))
+
+    async def _chunk(self, payload: bytes) -> None:
+        """Chunks do not wait for PUBACK (ordering holds per topic); only the final reply does."""
         route = self.route
-        payload = v2_message(route, self._seq, done=False, delta=delta)
-        # Chunks do not wait for PUBACK (ordering holds per topic); only the final reply does.
         try:
             await self._replier.publish(route.topic, payload, route.correlation_data, wait=False)
         except PublishError as exc:  # the final error then goes to the sender's own topic (`send_final`)
@@ -164,6 +169,10 @@ class Stream:
         None when it did not go out: another worker answers the requestId (see `before_final`).
         """
         route = self.route
+        if self._visible is not None:
+            for call in outcome.tool_calls:  # a stream shows each call as an event before the final reply
+                self._seq += 1
+                await self._chunk(v2_message(route, self._seq, done=False, event="toolCall", toolCall=call.wire()))
         self._seq += 1
         if route.dialect is Dialect.CLASSIC:
             payload = classic_answer(outcome.text)
@@ -175,6 +184,7 @@ class Stream:
                 text=outcome.text,
                 delta=self._final_delta(outcome.text),
                 finishReason=outcome.finish_reason,
+                toolCalls=[call.wire() for call in outcome.tool_calls] or None,
                 usage={
                     "promptTokens": outcome.prompt_tokens,
                     "completionTokens": outcome.completion_tokens,

@@ -22,7 +22,7 @@ from typing import TypeVar
 import structlog
 
 from worker.engine.adapters import Adapter, AdapterTable
-from worker.engine.base import Engine, Prompt
+from worker.engine.base import Engine, Parsed, Prompt
 from worker.errors import (
     EngineDeadError,
     EngineError,
@@ -34,6 +34,7 @@ from worker.errors import (
     WorkerError,
 )
 from worker.protocol import Dialect, FinalReply, Request, visible_text
+from worker.protocol.tools import MAX_TOOL_CALLS, ToolCall, call_id, check_arguments
 from worker.serving.jobs import Job
 from worker.serving.replies import Outcome, Replier, Stream
 from worker.serving.sessions import Recorded, SessionStore
@@ -131,13 +132,13 @@ async def _answer(job: Job, p: Pipeline, stream: Stream) -> Outcome | None:
                 p.counters[(request.route.project, "answered_from_history")] += 1
                 return _recorded(request, prepared.text)
             outcome = await _generate(p, request, prepared, stream)
-        await _record(p, request, outcome.text, fence)
+        await _record(p, request, outcome, fence)
     return outcome
 
 
-async def _record(p: Pipeline, request: Request, text: str, fence: Fence) -> None:
+async def _record(p: Pipeline, request: Request, outcome: Outcome, fence: Fence) -> None:
     """Record the turn to its end (see `_answer`): recorded, or `StateUnavailableError` when certainly not."""
-    await _to_the_end(p.sessions.record(request, text, fence))
+    await _to_the_end(p.sessions.record(request, outcome.text, fence, outcome.tool_calls))
 
 
 async def _to_the_end(step: Awaitable[T]) -> T:
@@ -163,7 +164,7 @@ async def _to_the_end(step: Awaitable[T]) -> T:
 def _recorded(request: Request, text: str) -> Outcome:
     """The outcome of a turn answered from the session's history (nothing generated, no tokens spent)."""
     now_ms = round((time.monotonic() - request.received_at) * 1000)
-    return Outcome(text, "stop", 0, 0, 0, now_ms, now_ms, now_ms)
+    return Outcome(text, "stop", 0, 0, 0, now_ms, now_ms, now_ms)  # (its calls, if any, were answered)
 
 
 def _sent(job: Job, p: Pipeline, final: FinalReply | None) -> None:
@@ -279,6 +280,7 @@ async def _settle_claim(job: Job, p: Pipeline, final: FinalReply | None = None, 
 
 
 async def _generate(p: Pipeline, request: Request, prompt: Prompt, stream: Stream) -> Outcome:
+    """Run the engine; with tools, the output is held back and split by the model's parser at the end."""
     tokens = cached = 0
     finish = "stop"
     started = time.monotonic()
@@ -286,28 +288,58 @@ async def _generate(p: Pipeline, request: Request, prompt: Prompt, stream: Strea
     sampling = dataclasses.replace(request.sampling, ignore_eos=True) if p.ignore_eos else request.sampling
     priority = request.priority if p.priority_scheduling else 0
     adapter = p.adapters.acquire(request.route.project)
+    tools = request.tools if request.uses_tools else None
+    held: list[str] = []
+    parsed: Parsed | None = None
     try:
-        async for delta in p.engine.generate(prompt, sampling, request.request_id, priority, adapter):
+        deltas = p.engine.generate(prompt, sampling, request.request_id, priority, adapter, tools=tools)
+        async for delta in deltas:
             if first_token_at is None and delta.new_tokens:
                 first_token_at = time.monotonic()
             tokens += delta.new_tokens
             cached = max(cached, delta.cached_tokens)
             finish = delta.finish_reason or finish
-            await stream.feed(delta.text, delta.new_tokens)
+            if tools is None:
+                await stream.feed(delta.text, delta.new_tokens)
+            else:  # a call's markup is never shown: the parser splits the whole output at the end
+                held.append(delta.text)
+                parsed = delta.parsed or parsed
     finally:
         if (retired := p.adapters.release(adapter)) is not None:  # replaced, and this was its last request
             await _unload(p, retired)
     now = time.monotonic()
+    raw = stream.raw_text if tools is None else (parsed.content if parsed is not None else "".join(held))
+    calls = _tool_calls(p, request, parsed)
     return Outcome(
-        text=visible_text(request.project, stream.raw_text),
-        finish_reason=finish,
+        text=visible_text(request.project, raw),
+        finish_reason="tool_calls" if calls and finish == "stop" else finish,
         prompt_tokens=len(prompt.token_ids),
         completion_tokens=tokens,
         cached_tokens=cached,
         queue_ms=round((started - request.received_at) * 1000),
         ttft_ms=round(((first_token_at or now) - request.received_at) * 1000),
         total_ms=round((now - request.received_at) * 1000),
+        tool_calls=calls,
     )
+
+
+def _tool_calls(p: Pipeline, request: Request, parsed: Parsed | None, round_no: int = 0) -> tuple[ToolCall, ...]:
+    """The parsed calls with their ids (from requestId, round, index) and, where one cannot run, why."""
+    if parsed is None or request.tools is None:
+        return ()
+    calls = tuple(
+        ToolCall(
+            call_id(request.request_id, round_no, i),
+            c.name,
+            c.arguments,
+            check_arguments(request.tools.spec(c.name), c.name, c.arguments),
+        )
+        for i, c in enumerate(parsed.calls[:MAX_TOOL_CALLS])
+    )
+    project = request.route.project
+    p.counters[(project, "tool_calls")] += len(calls)
+    p.counters[(project, "tool_calls_invalid")] += sum(c.error is not None for c in calls)
+    return calls
 
 
 async def _unload(p: Pipeline, adapter: Adapter) -> None:

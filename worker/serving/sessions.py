@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 from worker.config import SessionsConfig
 from worker.engine.base import Engine, Prompt
-from worker.errors import ContextTooLongError
+from worker.errors import BadRequestError, ContextTooLongError
 from worker.protocol import ChatMessage, Request
+from worker.protocol.tools import ToolCall
 from worker.state import History, MemoryState, State, Turn
 from worker.state.base import Fence, SessionKey
 from worker.state.memory import MemoryLimits, recorded_answer, trim
@@ -81,28 +82,29 @@ class SessionStore:
             chat = list(request.messages)
             if chat[0].role != "system":
                 chat.insert(0, system)
-            return await self._fit(chat, budget, max_tokens)
+            return await self._fit(chat, budget, max_tokens, request)
         session: History = await self._state.load(request.session_key)
         if request.client_supplied_id and (answer := recorded_answer(session, request.request_id)) is not None:
             return Recorded(answer)
         override = request.system_prompt or session.system_prompt
         if override is not None:
             system = ChatMessage("system", override)
-        assert request.message is not None  # noqa: S101 - parse guarantees message or messages
+        _check_results(request, session.turns)
         turns = trim(session.turns, self._cfg.max_history_tokens)
+        this_turn = [ChatMessage("tool", r.content, tool_call_id=r.tool_call_id) for r in request.tool_results]
+        if request.message is not None:
+            this_turn.append(ChatMessage("user", request.message))
         while True:
-            chat = [system]
-            for turn in turns:
-                chat += [ChatMessage("user", turn.user), ChatMessage("assistant", turn.assistant)]
-            chat.append(ChatMessage("user", request.message))
-            prompt = await self._engine.render(chat)
+            prompt = await self._engine.render([system, *history_chat(turns), *this_turn], request.tools)
             if len(prompt.token_ids) <= budget or not turns:
                 break
-            turns = turns[1:]
-        return await self._fit(list(prompt.messages), budget, max_tokens, prompt)
+            turns = trim(turns[1:], self._cfg.max_history_tokens)  # a whole tool round at a time
+        return await self._fit(list(prompt.messages), budget, max_tokens, request, prompt)
 
-    async def _fit(self, chat: list[ChatMessage], budget: int, max_tokens: int, prompt: Prompt | None = None) -> Prompt:
-        prompt = prompt or await self._engine.render(chat)
+    async def _fit(
+        self, chat: list[ChatMessage], budget: int, max_tokens: int, request: Request, prompt: Prompt | None = None
+    ) -> Prompt:
+        prompt = prompt or await self._engine.render(chat, request.tools)
         if len(prompt.token_ids) > budget:
             raise ContextTooLongError(
                 f"prompt has {len(prompt.token_ids)} tokens + maxTokens {max_tokens} > "
@@ -110,14 +112,43 @@ class SessionStore:
             )
         return prompt
 
-    async def record(self, request: Request, answer: str, fence: Fence = None) -> None:
+    async def record(
+        self, request: Request, answer: str, fence: Fence = None, calls: tuple[ToolCall, ...] = ()
+    ) -> None:
         """Append the finished turn to the session (stateful requests only); stores a systemPrompt override.
 
-        At most once per requestId, only while `fence` holds the turn; raises `StateUnavailableError` only
-        when the turn is certainly not recorded (see `State.append`).
+        The turn keeps the tool results it began with and the calls it made, so the next turn can answer
+        them. At most once per requestId, only while `fence` holds the turn; raises `StateUnavailableError`
+        only when the turn is certainly not recorded (see `State.append`).
         """
-        if request.messages is not None or request.message is None:
+        if request.messages is not None:
             return
-        tokens = await self._engine.count_tokens(request.message) + await self._engine.count_tokens(answer)
-        turn = Turn(request.message, answer, tokens, request.request_id)
+        user = request.message or ""
+        texts = [user, answer, *(r.content for r in request.tool_results), *(c.arguments for c in calls)]
+        tokens = sum([await self._engine.count_tokens(text) for text in texts])
+        turn = Turn(user, answer, tokens, request.request_id, calls, request.tool_results)
         await self._state.append(request.session_key, turn, request.system_prompt, self._cfg.max_history_tokens, fence)
+
+
+def history_chat(turns: tuple[Turn, ...]) -> list[ChatMessage]:
+    """The stored turns as chat messages; a turn's calls show only where the next turn answers them."""
+    chat: list[ChatMessage] = []
+    for i, turn in enumerate(turns):
+        chat += [ChatMessage("tool", r.content, tool_call_id=r.tool_call_id) for r in turn.tool_results]
+        if turn.user:
+            chat.append(ChatMessage("user", turn.user))
+        answered = i + 1 < len(turns) and bool(turns[i + 1].tool_results)
+        chat.append(ChatMessage("assistant", turn.assistant, tool_calls=turn.tool_calls if answered else ()))
+    return chat
+
+
+def _check_results(request: Request, turns: tuple[Turn, ...]) -> None:
+    """`toolResults` must answer exactly the calls the session's last turn made (BadRequestError if not)."""
+    if not request.tool_results:
+        return
+    pending = {c.id for c in turns[-1].tool_calls} if turns else set()
+    if not pending:
+        raise BadRequestError("toolResults: the session's last turn made no tool calls")
+    given = {r.tool_call_id for r in request.tool_results}
+    if given != pending:
+        raise BadRequestError(f"toolResults must answer exactly the last turn's calls: {sorted(pending)[:16]}")

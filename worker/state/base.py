@@ -18,6 +18,7 @@ from enum import Enum
 from typing import Protocol, Self
 
 from worker.protocol import FinalReply
+from worker.protocol.tools import ToolCall, ToolResult
 
 SessionKey = tuple[str, str, str]
 """(project, owner, sessionId): see `Request.session_key`."""
@@ -37,6 +38,10 @@ class Turn:
     request_id: str | None = None
     """The request that produced it: a turn is recorded at most once per requestId, whatever the retries,
     and a retry of a recorded turn is answered from it instead of being generated again."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """The calls the answer made (it ended asking for tools): the next turn answers them."""
+    tool_results: tuple[ToolResult, ...] = ()
+    """The results this turn began with (it continues the previous turn's calls: the two are one unit)."""
 
 
 @dataclass(frozen=True, slots=True)

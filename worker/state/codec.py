@@ -13,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import structlog
 
 from worker.protocol import FinalReply
+from worker.protocol.tools import ToolCall, ToolResult
 from worker.state.base import Turn
 
 log = structlog.get_logger(__name__)
@@ -20,8 +21,16 @@ MAX_TOKEN_DIGITS = 9
 
 
 def encode_turn(turn: Turn) -> str:
-    """`<tokens>` newline `<json [user, assistant, requestId]>` (the APPEND script reads the tokens)."""
-    return f"{turn.tokens}\n" + json.dumps([turn.user, turn.assistant, turn.request_id])
+    """`<tokens>` newline `<json [user, assistant, requestId, {tools}?]>` (the APPEND script reads the tokens)."""
+    body: list[object] = [turn.user, turn.assistant, turn.request_id]
+    if turn.tool_calls or turn.tool_results:
+        body.append(
+            {
+                "calls": [[c.id, c.name, c.arguments] for c in turn.tool_calls],
+                "results": [[r.tool_call_id, r.content] for r in turn.tool_results],
+            }
+        )
+    return f"{turn.tokens}\n" + json.dumps(body)
 
 
 def redact(url: str) -> str:
@@ -34,17 +43,27 @@ def redact(url: str) -> str:
 
 
 def decode_turn(item: bytes) -> Turn | None:
-    """`<tokens>` newline `<json [user, assistant, requestId]>`, or None when it is not that (never raises)."""
+    """`<tokens>` newline `<json [user, assistant, requestId, {tools}?]>`, or None if not that (never raises)."""
     try:
         head, _, body = item.partition(b"\n")
         user, assistant, *rest = json.loads(body)
         rid = rest[0] if rest else None
         texts = isinstance(user, str) and isinstance(assistant, str) and (rid is None or isinstance(rid, str))
-        if texts and head.isdigit() and len(head) <= MAX_TOKEN_DIGITS:
-            return Turn(user, assistant, int(head), rid)
+        tools = rest[1] if len(rest) > 1 else {}
+        if texts and head.isdigit() and len(head) <= MAX_TOKEN_DIGITS and isinstance(tools, dict):
+            calls = tuple(ToolCall(*_strings(c, 3)) for c in tools.get("calls", ()))
+            results = tuple(ToolResult(*_strings(r, 2)) for r in tools.get("results", ()))
+            return Turn(user, assistant, int(head), rid, calls, results)
     except (ValueError, TypeError):
         pass
     return None
+
+
+def _strings(item: object, count: int) -> list[str]:
+    """A list of exactly `count` strings, else ValueError (items read back from Redis are untrusted)."""
+    if not isinstance(item, list) or len(item) != count or not all(isinstance(x, str) for x in item):
+        raise ValueError(item)
+    return item
 
 
 def encode_final(final: FinalReply) -> str:

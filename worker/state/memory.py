@@ -240,15 +240,31 @@ def recorded_answer(history: History, request_id: str) -> str | None:
 
 
 def trim(turns: Sequence[Turn], max_tokens: int) -> tuple[Turn, ...]:
-    """The newest turns whose tokens add up to at most `max_tokens` (oldest dropped first)."""
-    kept: list[Turn] = []
+    """The newest turns whose tokens add up to at most `max_tokens` (oldest dropped first).
+
+    A tool round is one unit: a turn that continues the previous one's calls (`tool_results`) is kept
+    only with it, so history never holds half a call.
+    """
+    units = _units(turns[-MAX_TURNS:])
+    kept: list[tuple[Turn, ...]] = []
     total = 0
-    for turn in reversed(turns[-MAX_TURNS:]):
-        total += turn.tokens
+    for unit in reversed(units):
+        total += sum(t.tokens for t in unit)
         if total > max_tokens:
             break
-        kept.append(turn)
-    return tuple(reversed(kept))
+        kept.append(unit)
+    return tuple(t for unit in reversed(kept) for t in unit)
+
+
+def _units(turns: Sequence[Turn]) -> list[tuple[Turn, ...]]:
+    """Turns grouped into tool rounds; a leading continuation whose call was trimmed away is dropped."""
+    units: list[list[Turn]] = []
+    for turn in turns:
+        if turn.tool_results and units and units[-1][-1].tool_calls:
+            units[-1].append(turn)
+        elif not turn.tool_results:
+            units.append([turn])
+    return [tuple(u) for u in units]
 
 
 def cached_bytes(key: DedupeKey, final: FinalReply) -> int:

@@ -1,0 +1,82 @@
+"""vLLM's parser layer for one model: tool calls are constrained and read back as `vllm serve` does.
+
+The worker does not parse model output itself. For a request offering tools it builds vLLM's own
+`ChatCompletionRequest`, lets the model's parser (`ParserManager`, the `--tool-call-parser` names) adjust
+it (structural tags or a JSON schema for `required` and named choices, so even a small model emits a
+well-formed call), and after generation lets the same parser split the output into content and calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from worker.engine.base import Parsed, RawCall
+from worker.errors import BadRequestError, ConfigError
+from worker.protocol.tools import ToolSet
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """One request's parser state: vLLM's adjusted request and its parser instance."""
+
+    request: Any
+    parser: Any
+
+    @property
+    def structured_outputs(self) -> Any:  # noqa: ANN401 - vllm's StructuredOutputsParams
+        """What the parser asks the sampler to enforce (None: free text)."""
+        return self.request.structured_outputs
+
+    @property
+    def skip_special_tokens(self) -> bool:
+        """False where call markers are special tokens the parser must see."""
+        return bool(self.request.skip_special_tokens)
+
+
+class ToolParsing:
+    """The model's tool parser (by its vLLM name), bound to its tokenizer."""
+
+    def __init__(self, tokenizer: Any, parser_name: str) -> None:  # noqa: ANN401 - vllm's tokenizer
+        from vllm.parser.parser_manager import ParserManager  # noqa: PLC0415
+
+        self._cls: Any = None
+        try:
+            self._cls = ParserManager.get_parser(
+                tool_parser_name=parser_name, enable_auto_tools=True, tokenizer=tokenizer
+            )
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ConfigError(f"model.tool_call_parser {parser_name!r}: {exc}") from exc
+        self._tokenizer = tokenizer
+        self.name = parser_name
+
+    def prepare(self, tools: ToolSet) -> Prepared:
+        """The request as vLLM sees it, adjusted by the parser (structured outputs for forced calls)."""
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest  # noqa: PLC0415
+
+        choice: object = {"type": "function", "function": {"name": tools.named}} if tools.named else tools.choice
+        try:
+            request: Any = ChatCompletionRequest(
+                messages=[{"role": "user", "content": ""}],
+                model="vllm-worker",
+                tools=[spec.openai() for spec in tools.specs],
+                tool_choice=choice,
+            )
+            parser = self._cls(self._tokenizer, request.tools)
+            request = parser.adjust_request(request)
+        except ValueError as exc:  # pydantic's ValidationError too: tools vLLM refuses
+            raise BadRequestError(f"the tools were refused: {str(exc)[:200]}") from exc
+        return Prepared(request, parser)
+
+    def parse(self, prepared: Prepared, text: str) -> Parsed:
+        """Split a whole output into content and calls; output the parser cannot read is content."""
+        try:
+            _reasoning, content, calls = prepared.parser.parse(text, prepared.request, enable_auto_tools=True)
+        except Exception:  # noqa: BLE001 - the model's output is untrusted: a parser failure means "no call"
+            log.warning("engine.tool_parse_failed", parser=self.name, chars=len(text))
+            return Parsed(text)
+        return Parsed(content or "", tuple(RawCall(str(c.name), str(c.arguments)) for c in calls or ()))
