@@ -18,6 +18,10 @@ from worker.errors import BadRequestError, ConfigError
 from worker.protocol.tools import ToolSet
 
 log = structlog.get_logger(__name__)
+STRICT_LEVEL = "parameter"
+"""`vllm serve --tool-strict-level parameter`: a call's envelope and its arguments follow the tool's schema
+(by default vLLM constrains only the envelope unless a tool says `strict`): a small model then writes
+arguments that validate, not merely JSON."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +51,10 @@ class ToolParsing:
         self._cls: Any = None
         try:
             self._cls = ParserManager.get_parser(
-                tool_parser_name=parser_name, enable_auto_tools=True, tokenizer=tokenizer
+                tool_parser_name=parser_name,
+                enable_auto_tools=True,
+                tool_strict_level=STRICT_LEVEL,
+                tokenizer=tokenizer,
             )
         except (TypeError, KeyError, ValueError) as exc:
             raise ConfigError(f"model.tool_call_parser {parser_name!r}: {exc}") from exc

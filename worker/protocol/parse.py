@@ -223,7 +223,7 @@ class _Parser:
             except (BadRequestError, TooLargeError) as err:
                 raise self.fail(err) from None
         message = body.get("message")
-        if message is None and results:
+        if results and message in (None, ""):
             return None, None  # the turn is the tool results alone
         if not isinstance(message, str) or not message.strip():
             raise self.fail(BadRequestError("message must be a non-empty string"))
