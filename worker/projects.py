@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -11,6 +12,20 @@ from worker.config import resolve_path
 from worker.errors import ConfigError
 
 PROJECT_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+RESERVED_SUBTREES = frozenset(
+    {"user_input", "response", "assistant_response", "cancel", "session", "telemetry", "worker", "capabilities"}
+)
+"""A project's subtrees with a meaning of their own: a device tool's topic may not sit in one."""
+
+
+def tool_topic_problem(project: str, topic: str) -> str | None:
+    """Why `topic` cannot carry a tool of `project` (None: it can: under `{project}/`, not reserved)."""
+    head = f"{project}/"
+    if not topic.startswith(head) or len(topic) == len(head) or "+" in topic or "#" in topic:
+        return f"a tool topic must be a plain topic under {head}"
+    if topic[len(head) :].split("/", 1)[0] in RESERVED_SUBTREES:
+        return f"a tool topic may not sit in a reserved subtree ({', '.join(sorted(RESERVED_SUBTREES))})"
+    return None
 
 
 class SamplingDefaults(BaseModel):
@@ -49,6 +64,20 @@ class RateLimit(BaseModel):
     project_burst: int = Field(100, gt=0)
 
 
+class ProjectTool(BaseModel):
+    """A device tool a project declares (`[[tools]]`): the worker calls it on `topic` for the model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str = Field("", max_length=2048)
+    parameters: dict[str, Any] | None = None
+    """JSON Schema of the arguments (a TOML table)."""
+    topic: str = Field(min_length=1, max_length=512)
+    """`{project}/...` outside the project's reserved subtrees (checked when the project loads)."""
+    timeout_s: float = Field(5.0, gt=0, le=300)
+
+
 class Project(BaseModel):
     """One project's policy, the contents of `topics/{name}.toml`."""
 
@@ -63,6 +92,17 @@ class Project(BaseModel):
     rate_limit: RateLimit = Field(default_factory=RateLimit)
     adapter: str | None = None
     """A PEFT LoRA directory (relative to the checkout, or absolute): this project's requests run with it."""
+    tools: tuple[ProjectTool, ...] = ()
+    """Device tools the worker runs for the model (docs/protocol.md section 3b)."""
+    capabilities: bool = False
+    """Devices may announce tools of their own (`{project}/capabilities/{deviceId}`, retained)."""
+    max_tool_rounds: int = Field(4, ge=1, le=16)
+    """Device-tool rounds one request may run before it ends with finish reason `tool_rounds`."""
+
+    @property
+    def device_tools(self) -> bool:
+        """Whether the worker runs device tools for this project (declared, or announced by devices)."""
+        return bool(self.tools) or self.capabilities
 
     def capped(self, max_tokens: int) -> Project:
         """A copy with answer-length default and limit capped worker-wide (the old --max_tokens)."""
@@ -80,6 +120,11 @@ def load_project(path: Path) -> Project:
         raise ConfigError(f"invalid project file {path}: {exc}") from exc
     if project.name != path.stem:
         raise ConfigError(f"project file {path} declares name {project.name!r}; rename one of them")
+    for tool in project.tools:
+        if (problem := tool_topic_problem(project.name, tool.topic)) is not None:
+            raise ConfigError(f"project file {path}, tool {tool.name}: {problem}")
+    if len({t.name for t in project.tools}) != len(project.tools):
+        raise ConfigError(f"project file {path}: tool names must be unique")
     return project
 
 

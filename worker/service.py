@@ -34,6 +34,7 @@ from worker.protocol import Dialect, Topics
 from worker.protocol.parse import ROUTING_PARSE_LIMIT_BYTES
 from worker.serving.admission import Admission
 from worker.serving.control import Control
+from worker.serving.devices import DeviceTools
 from worker.serving.intake import Intake
 from worker.serving.jobs import JobTable
 from worker.serving.replies import Replier
@@ -95,6 +96,7 @@ class Service:
         self._jobs: JobTable | None = None
         self._pipeline: Pipeline | None = None
         self._takeover: Takeover | None = None
+        self._devices: DeviceTools | None = None
         self._adapters = self._status.adapters = AdapterTable()
         self._control_topic = f"{cfg.worker.topic_prefix}vllm-worker/{self.worker_id}/control"
 
@@ -110,7 +112,8 @@ class Service:
             await self._load_adapters(engine, model_config)
             store = await stack.enter_async_context(open_state(self._cfg))
             intake = self._wire(bus, engine, store, model_config)
-            await bus.subscribe(self._control_filters() + self._request_filters() + self._peer_filters())
+            devices = self._devices.filters() if self._devices is not None else []
+            await bus.subscribe(self._control_filters() + devices + self._request_filters() + self._peer_filters())
             self._status.engine_ready = True
             await self._status.publish_status("ready")
             self.ready.set()
@@ -168,6 +171,7 @@ class Service:
             self._publish_reply, engine.model_name, self.worker_id, w.stream_interval_ms, w.stream_max_tokens
         )
         self._jobs = JobTable(bus.ack, self._admission.release, hold_acks=self._grouped)
+        self._devices = DeviceTools(self._projects, self._topics, self.worker_id, self._publish_call, self.counters)
         self._pipeline = pipeline = Pipeline(
             engine=engine,
             adapters=self._adapters,
@@ -180,6 +184,7 @@ class Service:
             ignore_eos=self._cfg.generation.ignore_eos,
             priority_scheduling=self._cfg.model.scheduling_policy == "priority",
             hold_for_redelivery=self._grouped,
+            devices=self._devices,
         )
         self._takeover = self._make_takeover(store)
         return Intake(
@@ -189,7 +194,7 @@ class Service:
             admission=self._admission,
             jobs=self._jobs,
             pipeline=pipeline,
-            watch=self._takeover.observe if self._takeover is not None else None,
+            watch=self._watch,
             control_topic=self._control_topic,
             control=Control(
                 engine,
@@ -203,6 +208,12 @@ class Service:
                 changed=lambda: self._status.publish_status("draining" if self._admission.draining else "ready"),
             ),
         )
+
+    def _watch(self, msg: InboundMessage) -> bool:
+        """Messages that are not requests: device tool results and announcements, peers' statuses."""
+        if self._devices is not None and self._devices.take(msg):
+            return True
+        return self._takeover is not None and self._takeover.observe(msg)
 
     def _make_takeover(self, store: State) -> Takeover | None:
         """Takeover of dead peers' sessions: a share group on MQTT 5 with fleet state only (see `takeover`)."""
@@ -336,6 +347,14 @@ class Service:
             log.error("reply.blocked", topic=ascii(topic[:128]), reason="outside the reply namespace")
             raise PublishError("the reply topic is outside the reply namespace")
         await self._bus.publish(topic, payload, qos=1, correlation_data=correlation, wait=wait)
+
+    async def _publish_call(self, topic: str, payload: bytes, correlation: bytes, reply_to: str) -> None:
+        """Publish a device tool call, only on a served project's tool topics (what the worker's ACL grants)."""
+        assert self._bus is not None  # noqa: S101 - calls exist only once the bus is up
+        if not any(self._topics.is_tool_topic(name, topic) for name in self._projects):
+            log.error("tools.call_blocked", topic=ascii(topic[:128]), reason="outside the projects' tool topics")
+            raise PublishError("the tool topic is outside the projects' tool topics")
+        await self._bus.publish(topic, payload, qos=1, correlation_data=correlation, response_topic=reply_to)
 
     def _is_reply_topic(self, topic: str) -> bool:
         return protocol.is_reply_topic(topic, *self._reply_prefixes)

@@ -199,3 +199,31 @@ def test_the_wire_facts_table_matches_the_code():
     assert table["max payload"] == f"{WorkerConfig().worker.max_payload_bytes} bytes"
     assert table["classic error prefix"] == CLASSIC_ERROR_PREFIX
     assert table["v2 marker"] == '"v": 2'
+
+
+def test_the_simulated_robot_serves_its_tools_to_the_worker(fleet):
+    """examples/micropython/robot.py announces look and move; the model's calls move it (fake engine)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(MICROPYTHON / "shim"), str(MICROPYTHON)]),
+        "PYTHONUNBUFFERED": "1",
+    }
+    cmd = [sys.executable, str(MICROPYTHON / "robot.py"), "127.0.0.1", str(fleet.port), "robot-7", "20"]
+    robot = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    async def drive() -> tuple[str, str]:
+        async with Client(BrokerConfig(url=fleet.url), client_id="maze-app") as c:
+            await asyncio.sleep(1.0)  # the retained announcement reaches the worker
+            look = await c.ask("maze", 'call:look:{"direction":"east"}', session="robot-7", timeout_s=20)
+            move = await c.ask("maze", 'call:move:{"direction":"east","steps":2}', session="robot-7", timeout_s=20)
+            await c._bus.publish("maze/capabilities/robot-7", b"", retain=True)  # leave the broker clean
+            return look.text, move.text
+
+    try:
+        look, move = asyncio.run(drive())
+    finally:
+        robot.terminate()
+        output = robot.communicate(timeout=10)[0]
+    assert look == 'results: {"direction": "east", "sees": "open"}', output
+    assert move == 'results: {"moved": 2, "position": [1, 3], "at_exit": false}', output
+    assert "call move" in output

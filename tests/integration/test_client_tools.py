@@ -7,7 +7,10 @@ stream events, the final reply) is what is under test.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
+import sys
 
 import pytest
 from support import Mosquitto, peer, running_worker
@@ -175,3 +178,23 @@ async def test_a_classic_request_with_tools_is_refused_on_its_classic_topic(work
         await p.wait_for(lambda got: len(got) >= 1)
     assert p.received[0].payload.decode().startswith("Error: ")
     assert "v2" in p.received[0].payload.decode()
+
+
+async def test_the_cli_offers_tools_from_a_file_and_prints_the_calls(tmp_path):
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([MOVE, LOOK]))
+    async with running_worker() as w:
+        cmd = [sys.executable, "-m", "worker", "ask", "driving", "hello", "--broker", f"mqtt://127.0.0.1:{w.port}"]
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [*cmd, "--tools", str(tools), "--tool-choice", "move"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stdout.splitlines()
+    call = json.loads(line)
+    assert call["name"] == "move"
+    assert call["arguments"] == {"direction": ""}

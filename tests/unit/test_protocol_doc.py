@@ -24,8 +24,11 @@ PLACEHOLDERS: dict[str, list[object]] = {
     "session_id": ["{sessionId}"],
     "who": ["{clientId}", "{sessionId}"],  # v2 replies: the clientId, else the sessionId
     "dialect": list(Dialect),
+    "worker_id": ["{workerId}"],
+    "device": ["{deviceId}"],
+    "tool": ["{tool}"],
 }
-TOPIC_PARSERS = {"control_kind", "split_request"}
+TOPIC_PARSERS = {"control_kind", "split_request", "is_tool_topic"}
 """`Topics` methods that read a topic instead of building one."""
 PROJECT_TELEMETRY = "{project}/telemetry"
 """Built inline by `StatusReporter.telemetry_loop` (`worker.project_telemetry`)."""

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import getpass
+import json
 import math
 import os
 import re
@@ -14,18 +15,21 @@ import sys
 import time
 import uuid
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from worker.cli.terminal import EXIT_CONFIG, say
 from worker.config import ROOT, BrokerConfig
 from worker.errors import ConfigError
 
+if TYPE_CHECKING:
+    from worker.client import Reply
+
 RESEND_S = 10.0
 """`ask` sends its request again this often while no final reply came (a worker that restarted lost it)."""
 
 
-def ask(argv: Sequence[str]) -> int:
-    """Publish one request and print the answer."""
+def _ask_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-worker ask", description="Ask a project a question over MQTT.")
     p.add_argument("project")
     p.add_argument("message")
@@ -36,10 +40,22 @@ def ask(argv: Sequence[str]) -> int:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument(
+        "--tools",
+        metavar="FILE",
+        help="JSON file: a list of OpenAI-shaped tools to offer; the calls the model makes are printed as JSON",
+    )
+    p.add_argument("--tool-choice", default=None, help="auto | none | required | the name of one tool")
+    p.add_argument(
         "--client-id",
         default=None,
         help="v2 clientId: sessions live in its namespace (default: the broker username, else cli-<user>)",
     )
+    return p
+
+
+def ask(argv: Sequence[str]) -> int:
+    """Publish one request and print the answer."""
+    p = _ask_parser()
     args = p.parse_args(argv)
     from worker import log  # noqa: PLC0415
     from worker.client import Client  # noqa: PLC0415
@@ -48,6 +64,11 @@ def ask(argv: Sequence[str]) -> int:
     log.setup(LogConfig(level="warning"))  # stdout carries only the answer
 
     fields = {k: v for k, v in {"maxTokens": args.max_tokens, "temperature": args.temperature}.items() if v is not None}
+    try:
+        fields |= _tool_fields(args.tools, args.tool_choice)
+    except ConfigError as exc:
+        say(f"error: {exc}")
+        return EXIT_CONFIG
 
     async def go() -> int:
         broker = _broker(args.broker)
@@ -83,11 +104,7 @@ def ask(argv: Sequence[str]) -> int:
                 if reply.ok:
                     print()
                     return 0
-        if not reply.ok:
-            say(f"error {reply.error_code}: {reply.error_message}")
-            return 1
-        print(reply.text)
-        return 0
+        return _print_reply(reply)
 
     try:
         return asyncio.run(go())
@@ -97,6 +114,37 @@ def ask(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         say(f"error: {exc}")
         return EXIT_CONFIG
+
+
+def _print_reply(reply: Reply) -> int:
+    """The answer on stdout, then one JSON line per tool call (the caller runs them: `--tools`)."""
+    if not reply.ok:
+        say(f"error {reply.error_code}: {reply.error_message}")
+        return 1
+    if reply.text or not reply.tool_calls:
+        print(reply.text)
+    for call in reply.tool_calls:
+        print(json.dumps(call, ensure_ascii=False))
+    return 0
+
+
+def _tool_fields(path: str | None, choice: str | None) -> dict[str, Any]:
+    """`tools` (from a JSON file) and `toolChoice` (a keyword, or a tool's name) for `ask`."""
+    if path is None:
+        if choice is not None:
+            raise ConfigError("--tool-choice needs --tools FILE")
+        return {}
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read --tools {path}: {exc}") from exc
+    if not isinstance(tools, list):
+        raise ConfigError(f'--tools {path} must hold a JSON list of {{"type": "function", "function": ...}}')
+    fields: dict[str, Any] = {"tools": tools}
+    if choice is not None:
+        keyword = choice in {"auto", "none", "required"}
+        fields["toolChoice"] = choice if keyword else {"type": "function", "function": {"name": choice}}
+    return fields
 
 
 def _cli_identity() -> str:

@@ -65,14 +65,17 @@ def tool_calls(prompt: Prompt, tools: ToolSet) -> tuple[RawCall, ...]:
     """The calls the fake makes, scripted by the last user message: each word `call:NAME` or `call:NAME:JSON`.
 
     A chat whose last message is a tool result makes no call (the fake answers with the results), unless
-    the choice forces one. `required` without a scripted call calls the first tool; a named choice calls
-    that tool (with the scripted arguments, if any). Arguments default to a minimal instance of the schema.
+    the choice forces one or the user said `loop:NAME` (called again after every result). `required`
+    without a scripted call calls the first tool; a named choice calls that tool (with the scripted
+    arguments, if any). Arguments default to a minimal instance of the schema.
     """
     last = prompt.messages[-1] if prompt.messages else None
+    users = [m for m in prompt.messages if m.role == "user"]
     scripted: list[RawCall] = []
-    if last is not None and last.role == "user":
-        for word in last.content.split():
-            if word.startswith("call:"):
+    if last is not None and (last.role == "user" or (last.role == "tool" and users)):
+        markers = ("call:", "loop:") if last.role == "user" else ("loop:",)
+        for word in users[-1].content.split():
+            if word.startswith(markers):
                 name, _, arguments = word[len("call:") :].partition(":")
                 spec = tools.spec(name)
                 default = schema_example(spec.parameters) if spec is not None and spec.parameters else "{}"

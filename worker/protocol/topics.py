@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from worker.message import is_mqtt_text
+from worker.projects import tool_topic_problem
 
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
 DEFAULT_SESSION = "default"
 MAX_TOPIC_CHARS = 512
 
@@ -49,6 +51,25 @@ class Topics:
     def session_reset(self, project: str) -> str:
         """Session-reset topic."""
         return f"{self.prefix}{project}/session/reset"
+
+    def tool_results(self, project: str, worker_id: str) -> str:
+        """Where devices answer this worker's tool calls (the per-worker namespace `{project}/worker/{id}/`)."""
+        return f"{self.prefix}{project}/worker/{worker_id}/tool_result"
+
+    def capabilities(self, project: str) -> str:
+        """Devices' retained capability announcements (subscription filter)."""
+        return f"{self.prefix}{project}/capabilities/+"
+
+    def device_tool(self, project: str, device: str, tool: str) -> str:
+        """Where an announced tool of a device is called."""
+        return f"{self.prefix}{project}/tools/{device}/{tool}"
+
+    def is_tool_topic(self, project: str, topic: str) -> bool:
+        """A topic a project's tool may be called on: under the project, outside its reserved subtrees."""
+        head = f"{self.prefix}{project}/"
+        if not is_safe_topic(topic) or not topic.startswith(head) or len(topic) == len(head):
+            return False
+        return tool_topic_problem(project, topic[len(self.prefix) :]) is None
 
     def control_kind(self, topic: str) -> tuple[str, str] | None:
         """("cancel" | "reset", project) for a control topic, else None."""

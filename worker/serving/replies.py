@@ -13,7 +13,7 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -59,6 +59,8 @@ class Outcome:
     total_ms: int
     tool_calls: tuple[ToolCall, ...] = ()
     """The calls the answer made (finish reason `tool_calls`); an unrunnable one carries its `error`."""
+    trace: tuple[dict[str, Any], ...] = ()
+    """Device-tool rounds: each round's calls, results, timings and usage."""
 
 
 class VisibleText:
@@ -156,6 +158,12 @@ class Stream:
         except PublishError as exc:  # the final error then goes to the sender's own topic (`send_final`)
             raise BadRequestError(UNPUBLISHABLE) from exc
 
+    async def event(self, fields: dict[str, Any]) -> None:
+        """One step shown to a streaming client (a tool call or result); nothing for other requests."""
+        if self._visible is not None:
+            self._seq += 1
+            await self._chunk(v2_message(self.route, self._seq, done=False, **fields))
+
     def _final_delta(self, text: str) -> str | None:
         """The final text no chunk carried yet ("" when the stream diverged from it); None when not streaming."""
         if self._visible is None:
@@ -171,8 +179,7 @@ class Stream:
         route = self.route
         if self._visible is not None:
             for call in outcome.tool_calls:  # a stream shows each call as an event before the final reply
-                self._seq += 1
-                await self._chunk(v2_message(route, self._seq, done=False, event="toolCall", toolCall=call.wire()))
+                await self.event({"event": "toolCall", "toolCall": call.wire()})
         self._seq += 1
         if route.dialect is Dialect.CLASSIC:
             payload = classic_answer(outcome.text)
@@ -185,6 +192,7 @@ class Stream:
                 delta=self._final_delta(outcome.text),
                 finishReason=outcome.finish_reason,
                 toolCalls=[call.wire() for call in outcome.tool_calls] or None,
+                trace=list(outcome.trace) or None,
                 usage={
                     "promptTokens": outcome.prompt_tokens,
                     "completionTokens": outcome.completion_tokens,

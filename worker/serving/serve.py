@@ -33,10 +33,12 @@ from worker.errors import (
     ShuttingDownError,
     WorkerError,
 )
-from worker.protocol import Dialect, FinalReply, Request, visible_text
+from worker.protocol import ChatMessage, Dialect, FinalReply, Request, visible_text
 from worker.protocol.tools import MAX_TOOL_CALLS, ToolCall, call_id, check_arguments
+from worker.serving.devices import DeviceTools
 from worker.serving.jobs import Job
 from worker.serving.replies import Outcome, Replier, Stream
+from worker.serving.rounds import run_rounds, with_device_tools
 from worker.serving.sessions import Recorded, SessionStore
 from worker.state import Budget, Claim, State
 from worker.state.base import Fence
@@ -74,6 +76,8 @@ class Pipeline:
     """Pass the request's priority to the engine (else 0: fcfs)."""
     hold_for_redelivery: bool = False
     """Share group: a job stopped by the drain is left unacked for redelivery rather than answered."""
+    devices: DeviceTools | None = None
+    """The projects' device tools, run by this worker when the model calls them (`rounds`)."""
 
 
 async def serve(job: Job, p: Pipeline) -> None:
@@ -127,13 +131,32 @@ async def _answer(job: Job, p: Pipeline, stream: Stream) -> Outcome | None:
                 return None
             await p.state.take(p.budgets(request))
             fence = await stack.enter_async_context(p.sessions.turn(request))
+            request = with_device_tools(request, p.devices)
             prepared = await p.sessions.build_prompt(request)
             if isinstance(prepared, Recorded):  # recorded by an earlier copy whose reply or cache entry was lost
                 p.counters[(request.route.project, "answered_from_history")] += 1
                 return _recorded(request, prepared.text)
             outcome = await _generate(p, request, prepared, stream)
+            if p.devices is not None and outcome.tool_calls:
+                outcome = await _device_rounds(p, request, prepared, outcome, stream)
         await _record(p, request, outcome, fence)
     return outcome
+
+
+async def _device_rounds(p: Pipeline, request: Request, prompt: Prompt, first: Outcome, stream: Stream) -> Outcome:
+    """Run the device tools the model called, and generate again (`rounds`), within the request's deadline."""
+    assert p.devices is not None  # noqa: S101 - checked by the caller
+    tools = request.tools
+
+    async def generate(prompt: Prompt, round_no: int) -> Outcome:
+        return await _generate(p, request, prompt, stream, round_no)
+
+    async def render(chat: Sequence[ChatMessage]) -> Prompt:
+        return await p.engine.render(chat, tools)
+
+    return await run_rounds(
+        request, prompt, first, devices=p.devices, generate=generate, render=render, event=stream.event
+    )
 
 
 async def _record(p: Pipeline, request: Request, outcome: Outcome, fence: Fence) -> None:
@@ -279,7 +302,7 @@ async def _settle_claim(job: Job, p: Pipeline, final: FinalReply | None = None, 
     return await p.state.abandon(job.request.dedupe_key)
 
 
-async def _generate(p: Pipeline, request: Request, prompt: Prompt, stream: Stream) -> Outcome:
+async def _generate(p: Pipeline, request: Request, prompt: Prompt, stream: Stream, round_no: int = 0) -> Outcome:
     """Run the engine; with tools, the output is held back and split by the model's parser at the end."""
     tokens = cached = 0
     finish = "stop"
@@ -309,7 +332,7 @@ async def _generate(p: Pipeline, request: Request, prompt: Prompt, stream: Strea
             await _unload(p, retired)
     now = time.monotonic()
     raw = stream.raw_text if tools is None else (parsed.content if parsed is not None else "".join(held))
-    calls = _tool_calls(p, request, parsed)
+    calls = _tool_calls(p, request, parsed, round_no)
     return Outcome(
         text=visible_text(request.project, raw),
         finish_reason="tool_calls" if calls and finish == "stop" else finish,

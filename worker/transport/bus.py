@@ -332,9 +332,12 @@ class Bus:
         qos: int = 1,
         retain: bool = False,
         correlation_data: bytes | None = None,
+        response_topic: str | None = None,
         wait: bool = True,
     ) -> None:
         """Publish; with QoS1 and `wait`, return once the broker has acked it (queued across reconnects).
+
+        On MQTT 5 `correlation_data` and `response_topic` travel as properties (3.1.1 has none).
 
         Raises `PublishError`, having sent nothing, for a topic that is not MQTT text (the broker would drop
         the whole connection, and paho would resend the packet after every reconnect) or one paho refuses.
@@ -343,6 +346,11 @@ class Bus:
         if not is_mqtt_text(topic):
             raise PublishError(f"topic {topic[:64]!r} is not MQTT 5 text")
         props = correlated(correlation_data) if correlation_data is not None and self.is_v5 else None
+        if response_topic is not None and self.is_v5:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ResponseTopic = response_topic
+            if correlation_data is not None:
+                props.CorrelationData = correlation_data
         try:
             info = client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         except (ValueError, UnicodeError) as exc:  # wildcards, an empty or oversize topic, an oversize payload
