@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 
 import jsonschema
 import pytest
-from support import WorkerProcess
+from support import ROOT, WorkerProcess
 
 from worker.client import Client
 from worker.config import BrokerConfig
@@ -116,3 +119,39 @@ async def test_a_two_round_robot_conversation_runs_look_then_move(worker_process
     assert [name for name, _ in robot["calls"]] == ["look", "move"]
     assert robot["position"] != [0, 0]
     print(f"\n[e2e] robot calls: {robot['calls']} -> position {robot['position']}")
+
+
+async def test_the_simulated_robot_is_driven_by_device_tool_rounds(worker_process: WorkerProcess):
+    """make run + examples/micropython/robot.py: each request names its tool; the worker runs the rounds."""
+    micropython = ROOT / "examples" / "micropython"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(micropython / "shim"), str(micropython)])}
+    cmd = [
+        sys.executable,
+        "-u",
+        str(micropython / "robot.py"),
+        "127.0.0.1",
+        str(worker_process.port),
+        "robot-e2e",
+        "300",
+    ]
+    robot = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    transcript = []
+    try:
+        async with Client(BrokerConfig(url=f"mqtt://127.0.0.1:{worker_process.port}"), client_id="maze-e2e") as c:
+            await asyncio.sleep(2)  # the retained announcement reaches the worker
+            for message, tool in [("Look east: what is there?", "look"), ("Now move east.", "move")]:
+                reply = await c.ask(
+                    "maze", message, session="robot-e2e", toolChoice=named(tool), maxTokens=64, temperature=0
+                )
+                assert reply.ok, reply.raw
+                transcript.append((message, reply.raw.get("trace"), reply.text, reply.finish_reason))
+                assert reply.raw["trace"][0]["calls"][0]["name"] == tool
+            await c._bus.publish("maze/capabilities/robot-e2e", b"", retain=True)
+    finally:
+        robot.terminate()
+        output = robot.communicate(timeout=10)[0]
+    for message, trace, text, finish in transcript:
+        print(f"\n[e2e] > {message}\n[e2e] trace {json.dumps(trace)}\n[e2e] < {text!r} ({finish})")
+    print("[e2e] robot:", output.strip().replace("\n", " | "))
+    assert "call look" in output
+    assert "call move" in output

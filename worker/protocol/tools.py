@@ -124,11 +124,16 @@ def _object_or_none(text: str) -> dict[str, Any] | None:
 
 
 def parse_tools(raw: object, choice: object) -> ToolSet | None:
-    """`tools` + `toolChoice` of a request; None when it offers none. Raises BadRequestError/TooLargeError."""
+    """`tools` + `toolChoice` of a request; None when it says neither. Raises BadRequestError/TooLargeError.
+
+    A `toolChoice` alone is kept (no specs): the project's device tools may be what it names (`rounds`).
+    """
     if raw is None:
-        if choice is not None:
-            raise BadRequestError("toolChoice needs tools")
-        return None
+        if choice is None:
+            return None
+        if choice in ("auto", "none", "required"):
+            return ToolSet((), choice)
+        return ToolSet((), "required", _named_choice(choice))
     if not isinstance(raw, list) or not raw:
         raise BadRequestError('tools must be a non-empty list of {"type": "function", "function": {...}}')
     if len(raw) > MAX_TOOLS:
@@ -136,13 +141,9 @@ def parse_tools(raw: object, choice: object) -> ToolSet | None:
     specs = tuple(_spec(item) for item in raw)
     if len({s.name for s in specs}) != len(specs):
         raise BadRequestError("tool names must be unique")
-    tools = ToolSet(specs)
     if choice is None or choice in ("auto", "none", "required"):
         return ToolSet(specs, choice or "auto")
-    named = _named_choice(choice)
-    if tools.spec(named) is None:
-        raise BadRequestError(f"toolChoice names {named!r}, which is not among tools")
-    return ToolSet(specs, "required", named)
+    return ToolSet(specs, "required", _named_choice(choice))  # the name is checked against every tool offered
 
 
 def _spec(item: object) -> ToolSpec:

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from worker.engine.base import Prompt
+from worker.errors import BadRequestError
 from worker.protocol import ChatMessage, Request
 from worker.protocol.tools import ToolCall, ToolSet
 from worker.serving.devices import DeviceTool, DeviceTools, Result
@@ -29,14 +30,21 @@ Event = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def with_device_tools(request: Request, devices: DeviceTools | None) -> Request:
-    """The request offering its project's device tools too (a client tool of the same name wins)."""
+    """The request offering its project's device tools too (a client tool of the same name wins).
+
+    Raises `BadRequestError` when its `toolChoice` forces a call no offered tool can answer.
+    """
     tools = devices.tools(request.route.project) if devices is not None else ()
-    if not tools:
-        return request
     client = request.tools
+    if not tools and client is None:
+        return request
     names = {s.name for s in client.specs} if client is not None else set()
     specs = (client.specs if client is not None else ()) + tuple(t.spec for t in tools if t.spec.name not in names)
     merged = ToolSet(specs, client.choice, client.named) if client is not None else ToolSet(specs)
+    if merged.named is not None and merged.spec(merged.named) is None:
+        raise BadRequestError(f"toolChoice names {merged.named[:64]!r}, which is not among the tools offered")
+    if merged.choice == "required" and not specs:
+        raise BadRequestError("toolChoice required needs tools")
     return dataclasses.replace(request, tools=merged)
 
 

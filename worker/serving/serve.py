@@ -34,7 +34,7 @@ from worker.errors import (
     WorkerError,
 )
 from worker.protocol import ChatMessage, Dialect, FinalReply, Request, visible_text
-from worker.protocol.tools import MAX_TOOL_CALLS, ToolCall, call_id, check_arguments
+from worker.protocol.tools import MAX_TOOL_CALLS, ToolCall, ToolSet, call_id, check_arguments
 from worker.serving.devices import DeviceTools
 from worker.serving.jobs import Job
 from worker.serving.replies import Outcome, Replier, Stream
@@ -144,15 +144,19 @@ async def _answer(job: Job, p: Pipeline, stream: Stream) -> Outcome | None:
 
 
 async def _device_rounds(p: Pipeline, request: Request, prompt: Prompt, first: Outcome, stream: Stream) -> Outcome:
-    """Run the device tools the model called, and generate again (`rounds`), within the request's deadline."""
+    """Run the device tools the model called, and generate again (`rounds`), within the request's deadline.
+
+    A forced `toolChoice` shaped the first generation; after results come back the model may answer.
+    """
     assert p.devices is not None  # noqa: S101 - checked by the caller
     tools = request.tools
+    later = dataclasses.replace(request, tools=ToolSet(tools.specs)) if tools is not None else request
 
     async def generate(prompt: Prompt, round_no: int) -> Outcome:
-        return await _generate(p, request, prompt, stream, round_no)
+        return await _generate(p, later, prompt, stream, round_no)
 
     async def render(chat: Sequence[ChatMessage]) -> Prompt:
-        return await p.engine.render(chat, tools)
+        return await p.engine.render(chat, later.tools)
 
     return await run_rounds(
         request, prompt, first, devices=p.devices, generate=generate, render=render, event=stream.event
