@@ -122,6 +122,9 @@ class ModelConfig(_Section):
     tool_call_parser: str | None = "auto"
     """vLLM's tool-call parser (`--tool-call-parser` names: hermes, llama3_json, mistral, ...); `auto`
     chooses from the chat template (`engine/chat_templates.py`); None: requests with tools are refused."""
+    reasoning_parser: str | None = None
+    """vLLM's reasoning parser (`--reasoning-parser` names: deepseek_r1, qwen3, ...): reasoning is split off
+    by it instead of the `<think>` filter, and a project that keeps reasoning gets it as v2 `reasoning`."""
     enable_prefix_caching: bool = True
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     """"priority" lets a request's `priority` field (lower first) reorder the engine's waiting queue."""

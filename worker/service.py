@@ -37,8 +37,8 @@ from worker.serving.control import Control
 from worker.serving.devices import DeviceTools
 from worker.serving.intake import Intake
 from worker.serving.jobs import JobTable
+from worker.serving.pipeline import Pipeline
 from worker.serving.replies import Replier
-from worker.serving.serve import Pipeline
 from worker.serving.sessions import SessionStore
 from worker.serving.takeover import Takeover
 from worker.state import State, open_state

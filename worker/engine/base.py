@@ -40,13 +40,16 @@ class Parsed:
 
     content: str
     calls: tuple[RawCall, ...] = ()
+    reasoning: str | None = None
+    """What the model's reasoning parser split off (None: no parser, or no reasoning)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Delta:
     """New text since the previous delta; the last one of a request carries `finish_reason`.
 
-    With tools, the last one also carries `parsed`: the whole output split into content and calls.
+    With tools or a reasoning parser, the last one also carries `parsed`: the whole output split into
+    reasoning, content and calls.
     """
 
     text: str

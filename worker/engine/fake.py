@@ -115,11 +115,14 @@ class FakeEngine:
         *,
         log_generations: bool = False,
         start_s: float = 0.0,
+        reasoning_parser: bool = False,
     ) -> None:
         self._script = script
         self._start_s = start_s
         """How long entering takes (a real engine loads for 10 s to minutes: start-up races are tested with it)."""
         self._log_generations = log_generations
+        self._reasoning_parser = reasoning_parser
+        """Split `<think>...</think>` off the whole output into `Delta.parsed`, as a reasoning parser does."""
         self._token_delay_s = token_delay_s
         self._fail_after = fail_after
         self._max_model_len = max_model_len
@@ -212,8 +215,8 @@ class FakeEngine:
                 last = i == limit - 1
                 reason = ("stop" if limit == len(words) else "length") if last else None
                 parsed = None
-                if last and tools is not None:
-                    parsed = Parsed("", calls) if calls and reason == "stop" else Parsed(" ".join(words[:limit]))
+                if last and (tools is not None or self._reasoning_parser):
+                    parsed = self._parsed(" ".join(words[:limit]), calls if reason == "stop" else ())
                 yield Delta(
                     text=word if i == 0 else " " + word,
                     new_tokens=1,
@@ -226,6 +229,14 @@ class FakeEngine:
             raise
         finally:
             self.running -= 1
+
+    def _parsed(self, text: str, calls: tuple[RawCall, ...]) -> Parsed:
+        reasoning = None
+        if self._reasoning_parser and "<think>" in text and "</think>" in text:
+            head, _, rest = text.partition("<think>")
+            reasoning, _, tail = rest.partition("</think>")
+            text = head + tail
+        return Parsed("" if calls else text, calls, reasoning)
 
     def _words(
         self, prompt: Prompt, sampling: Sampling, tools: ToolSet | None, adapter: Adapter | None

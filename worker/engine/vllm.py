@@ -25,7 +25,7 @@ from worker.engine.base import Delta, EngineStats, Prompt
 from worker.engine.chat_templates import tool_format
 from worker.engine.quantization import QuantPlan
 from worker.engine.stats import StatsAggregator
-from worker.engine.vllm_parsing import Prepared, ToolParsing
+from worker.engine.vllm_parsing import OutputParsing, Prepared
 from worker.engine.vllm_preflight import gpu_present, layout_of, preflight
 from worker.errors import BadRequestError, EngineDeadError, EngineError, OverloadedError
 from worker.protocol.messages import ChatMessage, Sampling
@@ -53,7 +53,7 @@ class VllmEngine:
         self._stats = StatsAggregator()
         self._plan: QuantPlan | None = None
         self._template: str | None = None
-        self._tools: ToolParsing | None = None
+        self._parsing: OutputParsing | None = None
         self.start_s = 0.0
 
     @property
@@ -133,8 +133,10 @@ class VllmEngine:
         own = getattr(self._tokenizer, "chat_template", None)
         fmt = tool_format(own if isinstance(own, str) else None, self._cfg.chat_template, self._cfg.tool_call_parser)
         self._template = fmt.template
-        self._tools = ToolParsing(self._tokenizer, fmt.parser) if fmt.parser else None
-        log.info("engine.tools", parser=fmt.parser, template="configured" if fmt.template else "the model's own")
+        reasoning = self._cfg.reasoning_parser
+        self._parsing = OutputParsing(self._tokenizer, fmt.parser, reasoning) if fmt.parser or reasoning else None
+        template = "configured" if fmt.template else "the model's own"
+        log.info("engine.parsers", tool_call_parser=fmt.parser, reasoning_parser=reasoning, template=template)
 
     async def __aenter__(self) -> Self:
         await asyncio.to_thread(self._start)
@@ -219,7 +221,7 @@ class VllmEngine:
 
         if self._llm is None:
             raise EngineDeadError("engine is not running")
-        prepared = self._prepare_tools(tools)
+        prepared = self._prepare(tools)
         structured = StructuredOutputsParams(json=sampling.json_schema) if sampling.json_schema else None
         params = SamplingParams(
             temperature=sampling.temperature,
@@ -243,8 +245,8 @@ class VllmEngine:
                 parsed = None
                 if prepared is not None:
                     whole.append(completion.text)
-                    if out.finished and self._tools is not None:
-                        parsed = self._tools.parse(prepared, "".join(whole))
+                    if out.finished and self._parsing is not None:
+                        parsed = self._parsing.parse(prepared, "".join(whole))
                 yield Delta(
                     text=completion.text,
                     new_tokens=len(completion.token_ids),
@@ -264,15 +266,16 @@ class VllmEngine:
         except Exception as exc:
             raise EngineError(type(exc).__name__) from exc
 
-    def _prepare_tools(self, tools: ToolSet | None) -> Prepared | None:
-        """The parser's adjusted request for active tools; BadRequestError when this model has no tool parser."""
-        if tools is None or not tools.active:
-            return None
-        if self._tools is None:
+    def _prepare(self, tools: ToolSet | None) -> Prepared | None:
+        """The parsers' adjusted request (None: nothing to parse); BadRequestError for tools without a parser."""
+        active = tools is not None and tools.active
+        if active and (self._parsing is None or not self._parsing.tools):
             raise BadRequestError(
                 "this worker's model has no tool-call parser: set model.tool_call_parser (and model.chat_template)"
             )
-        return self._tools.prepare(tools)
+        if self._parsing is None or not (active or self._parsing.reasoning):
+            return None
+        return self._parsing.prepare(tools)
 
     async def check_health(self) -> None:
         """AsyncLLM.check_health raises once the engine-core process is gone."""

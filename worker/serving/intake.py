@@ -21,8 +21,9 @@ from worker.protocol import Cancel, FinalReply, Rejected, Request, Reset, Route,
 from worker.serving.admission import Admission
 from worker.serving.control import Control
 from worker.serving.jobs import Job, JobTable
+from worker.serving.pipeline import Pipeline
 from worker.serving.replies import Replier
-from worker.serving.serve import Pipeline, serve
+from worker.serving.serve import serve
 from worker.serving.sessions import SessionStore
 from worker.state import Claim
 

@@ -61,6 +61,8 @@ class Outcome:
     """The calls the answer made (finish reason `tool_calls`); an unrunnable one carries its `error`."""
     trace: tuple[dict[str, Any], ...] = ()
     """Device-tool rounds: each round's calls, results, timings and usage."""
+    reasoning: str | None = None
+    """The model's reasoning, split off by its reasoning parser, for a v2 project that keeps it."""
 
 
 class VisibleText:
@@ -191,6 +193,7 @@ class Stream:
                 text=outcome.text,
                 delta=self._final_delta(outcome.text),
                 finishReason=outcome.finish_reason,
+                reasoning=outcome.reasoning,
                 toolCalls=[call.wire() for call in outcome.tool_calls] or None,
                 trace=list(outcome.trace) or None,
                 usage={

@@ -14,15 +14,12 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
 import structlog
 
-from worker.engine.adapters import Adapter, AdapterTable
-from worker.engine.base import Engine, Parsed, Prompt
+from worker.engine.base import Prompt
 from worker.errors import (
     EngineDeadError,
     EngineError,
@@ -33,14 +30,15 @@ from worker.errors import (
     ShuttingDownError,
     WorkerError,
 )
-from worker.protocol import ChatMessage, Dialect, FinalReply, Request, visible_text
-from worker.protocol.tools import MAX_TOOL_CALLS, ToolCall, ToolSet, call_id, check_arguments
-from worker.serving.devices import DeviceTools
+from worker.protocol import ChatMessage, Dialect, FinalReply, Request
+from worker.protocol.tools import ToolSet
+from worker.serving.generation import generate
 from worker.serving.jobs import Job
-from worker.serving.replies import Outcome, Replier, Stream
+from worker.serving.pipeline import Pipeline
+from worker.serving.replies import Outcome, Stream
 from worker.serving.rounds import run_rounds, with_device_tools
-from worker.serving.sessions import Recorded, SessionStore
-from worker.state import Budget, Claim, State
+from worker.serving.sessions import Recorded
+from worker.state import Claim
 from worker.state.base import Fence
 
 TRANSIENT = {
@@ -54,30 +52,6 @@ TRANSIENT = {
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Pipeline:
-    """What `serve` needs: the steps of the path and the few settings that change it."""
-
-    engine: Engine
-    adapters: AdapterTable
-    """Each project's current LoRA adapter (a request keeps the one it started with)."""
-    state: State
-    sessions: SessionStore
-    budgets: Callable[[Request], Sequence[Budget]]
-    """The token buckets a request takes from (`Admission.budgets`)."""
-    replier: Replier
-    counters: Counter[tuple[str, str]]
-    on_engine_death: Callable[[], None]
-    ignore_eos: bool = False
-    """Benchmarks: every answer runs to maxTokens."""
-    priority_scheduling: bool = False
-    """Pass the request's priority to the engine (else 0: fcfs)."""
-    hold_for_redelivery: bool = False
-    """Share group: a job stopped by the drain is left unacked for redelivery rather than answered."""
-    devices: DeviceTools | None = None
-    """The projects' device tools, run by this worker when the model calls them (`rounds`)."""
 
 
 async def serve(job: Job, p: Pipeline) -> None:
@@ -136,7 +110,7 @@ async def _answer(job: Job, p: Pipeline, stream: Stream) -> Outcome | None:
             if isinstance(prepared, Recorded):  # recorded by an earlier copy whose reply or cache entry was lost
                 p.counters[(request.route.project, "answered_from_history")] += 1
                 return _recorded(request, prepared.text)
-            outcome = await _generate(p, request, prepared, stream)
+            outcome = await generate(p, request, prepared, stream)
             if p.devices is not None and outcome.tool_calls:
                 outcome = await _device_rounds(p, request, prepared, outcome, stream)
         await _record(p, request, outcome, fence)
@@ -152,14 +126,14 @@ async def _device_rounds(p: Pipeline, request: Request, prompt: Prompt, first: O
     tools = request.tools
     later = dataclasses.replace(request, tools=ToolSet(tools.specs)) if tools is not None else request
 
-    async def generate(prompt: Prompt, round_no: int) -> Outcome:
-        return await _generate(p, later, prompt, stream, round_no)
+    async def again(prompt: Prompt, round_no: int) -> Outcome:
+        return await generate(p, later, prompt, stream, round_no)
 
     async def render(chat: Sequence[ChatMessage]) -> Prompt:
         return await p.engine.render(chat, later.tools)
 
     return await run_rounds(
-        request, prompt, first, devices=p.devices, generate=generate, render=render, event=stream.event
+        request, prompt, first, devices=p.devices, generate=again, render=render, event=stream.event
     )
 
 
@@ -304,77 +278,6 @@ async def _settle_claim(job: Job, p: Pipeline, final: FinalReply | None = None, 
     if final is not None and code not in TRANSIENT:
         return await p.state.complete(job.request.dedupe_key, final)
     return await p.state.abandon(job.request.dedupe_key)
-
-
-async def _generate(p: Pipeline, request: Request, prompt: Prompt, stream: Stream, round_no: int = 0) -> Outcome:
-    """Run the engine; with tools, the output is held back and split by the model's parser at the end."""
-    tokens = cached = 0
-    finish = "stop"
-    started = time.monotonic()
-    first_token_at: float | None = None
-    sampling = dataclasses.replace(request.sampling, ignore_eos=True) if p.ignore_eos else request.sampling
-    priority = request.priority if p.priority_scheduling else 0
-    adapter = p.adapters.acquire(request.route.project)
-    tools = request.tools if request.uses_tools else None
-    held: list[str] = []
-    parsed: Parsed | None = None
-    try:
-        deltas = p.engine.generate(prompt, sampling, request.request_id, priority, adapter, tools=tools)
-        async for delta in deltas:
-            if first_token_at is None and delta.new_tokens:
-                first_token_at = time.monotonic()
-            tokens += delta.new_tokens
-            cached = max(cached, delta.cached_tokens)
-            finish = delta.finish_reason or finish
-            if tools is None:
-                await stream.feed(delta.text, delta.new_tokens)
-            else:  # a call's markup is never shown: the parser splits the whole output at the end
-                held.append(delta.text)
-                parsed = delta.parsed or parsed
-    finally:
-        if (retired := p.adapters.release(adapter)) is not None:  # replaced, and this was its last request
-            await _unload(p, retired)
-    now = time.monotonic()
-    raw = stream.raw_text if tools is None else (parsed.content if parsed is not None else "".join(held))
-    calls = _tool_calls(p, request, parsed, round_no)
-    return Outcome(
-        text=visible_text(request.project, raw),
-        finish_reason="tool_calls" if calls and finish == "stop" else finish,
-        prompt_tokens=len(prompt.token_ids),
-        completion_tokens=tokens,
-        cached_tokens=cached,
-        queue_ms=round((started - request.received_at) * 1000),
-        ttft_ms=round(((first_token_at or now) - request.received_at) * 1000),
-        total_ms=round((now - request.received_at) * 1000),
-        tool_calls=calls,
-    )
-
-
-def _tool_calls(p: Pipeline, request: Request, parsed: Parsed | None, round_no: int = 0) -> tuple[ToolCall, ...]:
-    """The parsed calls with their ids (from requestId, round, index) and, where one cannot run, why."""
-    if parsed is None or request.tools is None:
-        return ()
-    calls = tuple(
-        ToolCall(
-            call_id(request.request_id, round_no, i),
-            c.name,
-            c.arguments,
-            check_arguments(request.tools.spec(c.name), c.name, c.arguments),
-        )
-        for i, c in enumerate(parsed.calls[:MAX_TOOL_CALLS])
-    )
-    project = request.route.project
-    p.counters[(project, "tool_calls")] += len(calls)
-    p.counters[(project, "tool_calls_invalid")] += sum(c.error is not None for c in calls)
-    return calls
-
-
-async def _unload(p: Pipeline, adapter: Adapter) -> None:
-    """Drop a retired adapter; a failure costs a log line, never the answer that just finished."""
-    try:
-        await p.engine.unload_adapter(adapter)
-    except Exception:
-        log.exception("adapter.unload_failed", adapter=adapter.name)
 
 
 async def _fail(job: Job, stream: Stream, p: Pipeline, error: WorkerError) -> None:
