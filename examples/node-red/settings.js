@@ -7,6 +7,8 @@ process.env.MQTT_PORT ??= "1883";
 process.env.PROJECT ??= "maze";
 process.env.CLIENT_ID ??= "node-red";
 process.env.REPLY_TOPIC ??= `${process.env.PROJECT}/response/${process.env.CLIENT_ID}`;
+process.env.DEVICE_ID ??= "lamp-1"; // the device tool tab: its tools are called on {project}/tools/{DEVICE_ID}/...
+process.env.TOOLS_TOPIC ??= `${process.env.PROJECT}/tools/${process.env.DEVICE_ID}/#`;
 
 module.exports = {
   uiHost: "127.0.0.1", // the editor has no login here: loopback only

@@ -144,10 +144,26 @@ def test_the_node_red_flow_asks_and_matches_its_answer(fleet, tmp_path):
             http(f"http://127.0.0.1:{port}/inject/inject-ask", b"")
             asyncio.run(until(lambda e=expected: http(f"http://127.0.0.1:{port}/answer") == e, timeout_s=30))
             assert turn
+        assert http(f"http://127.0.0.1:{port}/lamp") == "off"
+        lamp = asyncio.run(_call_the_lamp(fleet.url))  # the device tab announced `lamp` at start
+        assert lamp == 'results: {"lamp": "on"}', (tmp_path / "node-red.log").read_text()
+        assert http(f"http://127.0.0.1:{port}/lamp") == "on"
     finally:
         proc.terminate()
         proc.wait(20)
         log.close()
+
+
+async def _call_the_lamp(url: str) -> str:
+    """Ask the model (fake) to call `lamp` once Node-RED's announcement (1 s after start) reached the worker."""
+    async with Client(BrokerConfig(url=url), client_id="lamp-app") as c:
+        for attempt in range(40):
+            reply = await c.ask("maze", 'call:lamp:{"state":"on"}', session=f"lamp-{attempt}", timeout_s=20)
+            if reply.text.startswith("results"):
+                break
+            await asyncio.sleep(0.25)
+        await c._bus.publish("maze/capabilities/lamp-1", b"", retain=True)  # leave the broker clean
+    return reply.text
 
 
 # ---- Home Assistant and the wire facts -----------------------------------------------------------------------
