@@ -29,6 +29,8 @@ from worker.transport.bus import Bus
 MAX_WORKERS_TRACKED = 1024
 MAX_PROJECTS, MAX_NAME_CHARS = 256, 128
 """What is kept of a worker's project list (a status is broker data: bounded in bytes, not only entries)."""
+EVENT_FIELDS: tuple[str, ...] = ("event", "toolCall", "toolResult")
+"""What a stream's step chunk carries (see `Chunk.event`)."""
 ToolRunner = Callable[[str, dict[str, Any]], Any]
 """Runs one tool call: `(name, arguments) -> result` (text, or JSON-able), sync or async."""
 STATUS_GRACE_S = 0.5
@@ -73,6 +75,8 @@ class Chunk:
     delta: str
     done: bool
     reply: Reply | None = None
+    event: dict[str, Any] | None = None
+    """A step shown while the request runs: `{"event": "toolCall", "toolCall": {...}}` or a `toolResult`."""
 
 
 class Client:
@@ -231,7 +235,9 @@ class Client:
                 async with asyncio.timeout(timeout_s):
                     body = await inbox.get()
                 done = bool(body.get("done"))
-                yield Chunk(int(body.get("seq", 0)), str(body.get("delta", "")), done, _reply(body) if done else None)
+                event: dict[str, Any] | None = {k: body[k] for k in EVENT_FIELDS if k in body} or None
+                seq, delta = int(body.get("seq", 0)), str(body.get("delta", ""))
+                yield Chunk(seq, delta, done, _reply(body) if done else None, event)
                 if done:
                     return
 

@@ -191,3 +191,32 @@ def _by() -> Any:
     from selenium.webdriver.common.by import By
 
     return By
+
+
+def test_the_playground_shows_device_tool_calls_as_they_happen(lab, screenshots):
+    """The simulated robot (examples/micropython/robot.py) announces look; the fake model calls it."""
+    micropython = ROOT / "examples" / "micropython"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(micropython / "shim"), str(micropython)])}
+    port = str(lab["broker"].port)
+    cmd = [sys.executable, str(micropython / "robot.py"), "127.0.0.1", port, "pg-robot", "60"]
+    robot = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver, by = lab["driver"], _by()
+    try:
+        driver.get(lab["url"] + "/playground")
+        wait(lambda: driver.find_elements(by.CSS_SELECTOR, '#project option[value="maze"]'))
+        driver.find_element(by.CSS_SELECTOR, '#project option[value="maze"]').click()
+        time.sleep(1.5)  # the robot's retained announcement reaches the worker
+        driver.find_element(by.ID, "message").send_keys('call:look:{"direction":"east"}')
+        driver.find_element(by.ID, "send").click()
+        answer = wait(lambda: driver.find_elements(by.CSS_SELECTOR, ".turn.assistant")[-1])
+        wait(lambda: answer.get_attribute("data-state") == "done")
+        tools = [t.text for t in driver.find_elements(by.CSS_SELECTOR, ".turn.tool")]
+        assert tools[-2:] == [
+            '→ look({"direction":"east"})',
+            '← look: {"direction": "east", "sees": "open"} (' + tools[-1].rsplit("(", 1)[-1],
+        ]
+        assert answer.text == 'results: {"direction": "east", "sees": "open"}'
+        assert driver.save_screenshot(str(screenshots / "console-playground-tools.png"))
+    finally:
+        robot.terminate()
+        robot.wait(10)

@@ -174,6 +174,8 @@ class ConsoleApp:
             async for chunk in self._client.stream(project, message, session=session, request_id=request_id):
                 if chunk.done and chunk.reply is not None:
                     await response.write(_event("done", chunk.reply.raw))
+                elif chunk.event is not None:  # a tool call or its result, as it happens
+                    await response.write(_event("tool", chunk.event))
                 else:
                     await response.write(_event("chunk", {"seq": chunk.seq, "delta": chunk.delta}))
         except TimeoutError:

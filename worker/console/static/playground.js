@@ -22,6 +22,21 @@ function line(cls, text) {
   return div;
 }
 
+function toolLine(answer, data) {
+  // A tool call or its result, shown above the answer it leads to (text only: it is untrusted).
+  const div = document.createElement("div");
+  div.className = "turn tool";
+  if (data.event === "toolCall") {
+    const c = data.toolCall || {};
+    div.textContent = `→ ${c.name}(${JSON.stringify(c.arguments)})` + (c.error ? ` [${c.error}]` : "");
+  } else {
+    const r = data.toolResult || {};
+    div.textContent = `← ${r.name}: ${r.result}` + (r.ms !== undefined ? ` (${r.ms} ms)` : "");
+  }
+  div.dataset.event = data.event;
+  chat.insertBefore(div, answer);
+}
+
 async function post(path, body) {
   const res = await fetch(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
   return res;
@@ -80,7 +95,10 @@ async function ask(message) {
     buffer = parseEvents(buffer + decoder.decode(value, { stream: true }), (name, data) => {
       if (name === "chunk") {
         answer.textContent += data.delta;
+      } else if (name === "tool") {
+        toolLine(answer, data);
       } else if (name === "done") {
+        for (const call of data.toolCalls || []) toolLine(answer, { event: "toolCall", toolCall: call });
         if (data.error) {
           answer.classList.add("error");
           answer.textContent += (answer.textContent ? " " : "") + `[${data.error.code}] ${data.error.message}`;
