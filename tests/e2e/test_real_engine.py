@@ -19,13 +19,13 @@ pytestmark = pytest.mark.e2e
 FACT_PROMPT = "What is the capital of France?"
 
 
-def hf_greedy(system_prompt: str, user: str, new_tokens: int) -> str:
-    """transformers' greedy answer for the same chat-templated prompt."""
+def hf_greedy(system_prompt: str, user: str, new_tokens: int, dtype: str) -> str:
+    """transformers' greedy answer for the same chat-templated prompt, in the dtype the worker runs."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=getattr(torch, dtype))
     chat = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
     text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
@@ -38,7 +38,12 @@ async def test_greedy_answer_matches_transformers(worker_process: WorkerProcess,
     async with Client(BrokerConfig(url=f"mqtt://127.0.0.1:{worker_process.port}")) as client:
         reply = await client.ask("general", FACT_PROMPT, session="hf-compare", temperature=0, maxTokens=16)
     assert reply.ok, reply
-    expected = await asyncio.to_thread(hf_greedy, projects["general"].system_prompt, FACT_PROMPT, 16)
+    async with peer(worker_process.port, ["vllm-worker/+/status"]) as p:  # retained: arrives at once
+        await p.wait_for(lambda got: len(got) >= 1)
+    dtype = json.loads(p.received[0].payload)["dtype"]  # bfloat16, or float32 on a CPU without bf16
+    assert dtype in ("bfloat16", "float32")
+    prompt = projects["general"].system_prompt
+    expected = await asyncio.to_thread(hf_greedy, prompt, FACT_PROMPT, 16, dtype)
     assert reply.text == expected.strip()
     assert "Paris" in reply.text
     assert reply.raw["model"] == "smollm2-135m-instruct"

@@ -94,6 +94,16 @@ class Engine(Protocol):
         """The quantization method in effect ("none" when unquantized)."""
         ...
 
+    @property
+    def dtype(self) -> str:
+        """The dtype the engine runs (`auto` resolved where the worker decides it)."""
+        ...
+
+    @property
+    def dtype_reason(self) -> str:
+        """Why that dtype (start-up lines and status say it)."""
+        ...
+
     async def __aenter__(self) -> Self: ...
 
     async def __aexit__(

@@ -152,6 +152,16 @@ class FakeEngine:
         """The fake is never quantized."""
         return "none"
 
+    @property
+    def dtype(self) -> str:
+        """The fake computes nothing."""
+        return "none"
+
+    @property
+    def dtype_reason(self) -> str:
+        """Why "none"."""
+        return "the fake engine computes nothing"
+
     async def __aenter__(self) -> Self:
         await asyncio.sleep(self._start_s)
         return self

@@ -45,7 +45,17 @@ METHODS: dict[str, tuple[float, float]] = {
     "bnb8": (1.0, 0.0),
 }
 BNB4_EXTRA_BYTES = 0.0159  # ~0.127 bits per weight of double-quantized absmax (QLoRA paper)
-KV_BYTES = {"auto": 2, "fp16": 2, "bf16": 2, "bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+KV_BYTES = {
+    "auto": 2,
+    "fp16": 2,
+    "bf16": 2,
+    "bfloat16": 2,
+    "float16": 2,
+    "float32": 4,
+    "fp8": 1,
+    "fp8_e4m3": 1,
+    "fp8_e5m2": 1,
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from worker.engine import parallel
 from worker.engine.adapters import Adapter
 from worker.engine.base import Delta, EngineStats, Prompt
 from worker.engine.chat_templates import tool_format
+from worker.engine.cpu_dtype import DtypeChoice
 from worker.engine.quantization import QuantPlan
 from worker.engine.stats import StatsAggregator
 from worker.engine.vllm_parsing import OutputParsing, Prepared
@@ -53,6 +54,7 @@ class VllmEngine:
         self._stats = StatsAggregator()
         self._plan: QuantPlan | None = None
         self._template: str | None = None
+        self._dtype: DtypeChoice | None = None
         self._parsing: OutputParsing | None = None
         self.start_s = 0.0
 
@@ -74,8 +76,19 @@ class VllmEngine:
     def preflight(self) -> QuantPlan:
         """Validate model dir, context length and quantization before anything loads (ConfigError if not)."""
         if self._plan is None:
-            self._plan = preflight(self._cfg, self._model_dir, self.model_name)
+            checked = preflight(self._cfg, self._model_dir, self.model_name)
+            self._plan, self._dtype = checked.plan, checked.dtype
         return self._plan
+
+    @property
+    def dtype(self) -> str:
+        """The dtype the engine runs (`auto` resolved on CPU; vLLM's own on GPU) and why, for status."""
+        return self._dtype.dtype if self._dtype is not None else self._cfg.dtype
+
+    @property
+    def dtype_reason(self) -> str:
+        """Why this dtype (said at start-up and in status)."""
+        return self._dtype.reason if self._dtype is not None else "not checked yet"
 
     @property
     def layout(self) -> parallel.Layout:
@@ -102,7 +115,7 @@ class VllmEngine:
         return AsyncEngineArgs(
             model=str(self._model_dir),
             served_model_name=self.model_name,
-            dtype=cfg.dtype,  # type: ignore[arg-type]  # validated by vLLM itself
+            dtype=self.dtype,  # type: ignore[arg-type]  # validated by vLLM itself
             quantization=quantization,
             kv_cache_dtype=cfg.kv_cache_dtype,  # type: ignore[arg-type]  # same
             max_model_len=cfg.max_model_len,

@@ -12,7 +12,9 @@ import importlib.util
 import json
 import os
 import typing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import structlog
@@ -20,6 +22,7 @@ import structlog
 from worker.config import ModelConfig
 from worker.engine import parallel
 from worker.engine import plan as planner
+from worker.engine.cpu_dtype import DtypeChoice, choose, cpu_flags
 from worker.engine.quantization import Device, QuantPlan, VllmSupport, check_context, plan
 from worker.errors import ConfigError
 
@@ -47,21 +50,33 @@ def layout_of(cfg: ModelConfig) -> parallel.Layout:
     return parallel.Layout(cfg.tensor_parallel_size, cfg.pipeline_parallel_size, cfg.distributed_executor_backend)
 
 
-def preflight(cfg: ModelConfig, model_dir: Path, model_name: str) -> QuantPlan:
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """What the pre-flight decided: the quantization plan and the dtype the engine runs."""
+
+    plan: QuantPlan
+    dtype: DtypeChoice
+
+
+def preflight(cfg: ModelConfig, model_dir: Path, model_name: str) -> Checked:
     """Validate model dir, context length, quantization, the split and the fit; set vLLM's environment."""
     try:
         model_config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read {model_dir / 'config.json'}: {exc}") from exc
     on_cpu = not gpu_present()
+    ram_gib = psutil.virtual_memory().total / 2**30
+    dtype = cpu_dtype(cfg, model_config, ram_gib) if on_cpu else DtypeChoice(cfg.dtype, "vLLM's choice on GPU")
+    auto_kv = cfg.kv_cache_dtype == "auto" and dtype.dtype == "float32"  # the KV cache follows the model
     kv_space = planner.cpu_kv_space_gib(
         model_config,
         max_model_len=cfg.max_model_len,
         max_num_seqs=cfg.max_num_seqs,
-        kv_dtype=cfg.kv_cache_dtype,
-        ram_gib=psutil.virtual_memory().total / 2**30,
+        kv_dtype="float32" if auto_kv else cfg.kv_cache_dtype,
+        ram_gib=ram_gib,
     )
     prepare_environment(cfg, on_cpu=on_cpu, kv_space_gib=kv_space)
+    log.info("engine.dtype", dtype=dtype.dtype, reason=dtype.reason)
     check_context(cfg, model_config)
     device = device_of_host()
     quant_plan = plan(cfg, model_config, device, vllm_support())
@@ -87,7 +102,15 @@ def preflight(cfg: ModelConfig, model_dir: Path, model_name: str) -> QuantPlan:
         planner.check_single(spec, gpu_total_gib(), cfg.gpu_memory_utilization, cfg.max_model_len, layout)
     else:
         log.info("engine.cpu_kv_cache", gib=os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
-    return quant_plan
+    return Checked(quant_plan, dtype)
+
+
+def cpu_dtype(cfg: ModelConfig, model_config: dict[str, Any], ram_gib: float) -> DtypeChoice:
+    """`model.dtype` on CPU (`cpu_dtype.choose`); a quantized checkpoint keeps vLLM's choice."""
+    if model_config.get("quantization_config") or cfg.quantization not in ("auto", "none"):
+        return DtypeChoice(cfg.dtype, "a quantized model: vLLM's choice")
+    kv_fp32 = planner.kv_bytes_per_token(model_config, "float32") * cfg.max_model_len * cfg.max_num_seqs / 2**30
+    return choose(cfg.dtype, model_config, flags=cpu_flags(), ram_gib=ram_gib, kv_gib=kv_fp32)
 
 
 def device_of_host() -> Device:

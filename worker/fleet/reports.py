@@ -64,6 +64,10 @@ class StatusReport(_Wire):
     """Absent from workers older than the parallel settings."""
     adapters: dict[Id, Name] = Field(default_factory=dict, max_length=MAX_ENTRIES)
     """project -> the LoRA adapter its requests run with (projects without one are absent)."""
+    dtype: Word = ""
+    """The dtype the engine runs (`auto` resolved on CPU); empty from older workers."""
+    dtype_reason: Name = ""
+    """Why that dtype (e.g. the CPU has no bf16 instructions)."""
 
 
 class GpuReport(_Wire):

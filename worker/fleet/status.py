@@ -83,6 +83,8 @@ class StatusReporter:
                 visible_devices=self._cfg.model.visible_devices,
             ),
             adapters=self.adapters.names() if self.adapters is not None else {},
+            dtype=self._engine.dtype if self.engine_ready else self._cfg.model.dtype,
+            dtype_reason=self._engine.dtype_reason if self.engine_ready else "",
         ).to_json()
 
     async def publish_status(self, state: State) -> None:
