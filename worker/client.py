@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from worker.config import BrokerConfig
-from worker.protocol import Topics
+from worker.protocol import Topics, is_valid_id
 from worker.transport.bus import Bus
 
 MAX_WORKERS_TRACKED = 1024
@@ -33,6 +33,8 @@ EVENT_FIELDS: tuple[str, ...] = ("event", "toolCall", "toolResult")
 """What a stream's step chunk carries (see `Chunk.event`)."""
 ToolRunner = Callable[[str, dict[str, Any]], Any]
 """Runs one tool call: `(name, arguments) -> result` (text, or JSON-able), sync or async."""
+MAX_STICKY = 4096
+"""Sessions whose sticky worker is remembered (the oldest are forgotten: their turns use the shared topic)."""
 STATUS_GRACE_S = 0.5
 """Retained statuses arrive right after subscribing: only after this long is a client said to wait."""
 
@@ -90,12 +92,17 @@ class Client:
         *,
         persistent: bool = False,
         connection_id: str | None = None,
+        affinity: bool = True,
+        affinity_timeout_s: float = 3.0,
     ) -> None:
         """`client_id` is the v2 clientId (reply topic, session namespace) and, by default, the MQTT client id.
 
         `persistent` (with a fixed `client_id`, MQTT 5): replies published while this client is away wait.
         `connection_id`: another MQTT client id, e.g. for several processes of one identity (a broker that
-        forces client id = username, as the shipped deploy does, overrides it anyway).
+        forces client id = username, as the shipped deploy does, overrides it anyway). `affinity`: send a
+        session's next turn to the worker that invited it (its KV cache holds the conversation), back on
+        the shared topic when that worker is not ready, answers `overloaded`, or says nothing for
+        `affinity_timeout_s` (the same requestId: answered once).
         """
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
         self._bus = Bus(broker, connection_id or self.client_id, persistent=persistent)
@@ -107,6 +114,10 @@ class Client:
         self._status_prefix = f"{topic_prefix}vllm-worker/"
         self._ready: dict[str, frozenset[str]] = {}  # worker -> projects, for workers whose status is ready
         self._status_changed = asyncio.Event()
+        self._affinity, self._affinity_timeout_s = affinity, affinity_timeout_s
+        self._sticky: dict[tuple[str, str], str] = {}  # (project, session) -> the worker that invited it
+        self.fallbacks = 0
+        """Sticky turns sent again on the shared topic (worker silent or overloaded)."""
 
     async def __aenter__(self) -> Self:
         await self._bus.__aenter__()
@@ -263,7 +274,7 @@ class Client:
         """
         request_id = request_id or uuid.uuid4().hex
         payload = self._body(message, session, request_id, fields)
-        reply = await self._ask_once(project, payload, request_id, timeout_s, retries)
+        reply = await self._ask_once(project, payload, request_id, timeout_s, retries, session=session)
         rounds: list[Reply] = []
         follow = {k: v for k, v in fields.items() if k != "toolChoice"}  # forcing a call again would loop
         while on_tool is not None and reply.finish_reason == "tool_calls" and len(rounds) < max_tool_rounds:
@@ -271,23 +282,74 @@ class Client:
             rounds.append(reply)
             next_id = f"{request_id}.t{len(rounds)}"
             payload = self._body(None, session, next_id, {**follow, "toolResults": results})
-            reply = await self._ask_once(project, payload, next_id, timeout_s, retries)
+            reply = await self._ask_once(project, payload, next_id, timeout_s, retries, session=session)
         return dataclasses.replace(reply, previous=tuple(rounds)) if rounds else reply
 
-    async def _ask_once(self, project: str, payload: bytes, request_id: str, timeout_s: float, retries: int) -> Reply:
+    async def _ask_once(
+        self, project: str, payload: bytes, request_id: str, timeout_s: float, retries: int, *, session: str
+    ) -> Reply:
         """Publish one request and wait for its final reply, resending it (same requestId) on a timeout."""
+        shared = self._topics.user_input(project)
         async with self._inbox(project, request_id) as inbox:
             for attempt in range(retries + 1):
-                await self._bus.publish(self._topics.user_input(project), payload)
+                direct = self._direct(project, session) if attempt == 0 else None
+                await self._bus.publish(direct or shared, payload)
                 try:
                     async with asyncio.timeout(timeout_s):
-                        while not (body := await inbox.get()).get("done"):
-                            continue
-                        return _reply(body)
+                        body = await self._next(inbox, payload, shared if direct else None)
+                        while not body.get("done"):  # (a sticky worker's `accepted` comes first)
+                            body = await inbox.get()
+                        reply = _reply(body)
+                        await self._remember(project, session, reply)
+                        return reply
                 except TimeoutError:
                     if attempt == retries:
                         raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _next(self, inbox: asyncio.Queue[dict[str, Any]], payload: bytes, fallback: str | None) -> dict[str, Any]:
+        """The request's next message; with a `fallback`, it was sent to a sticky worker.
+
+        If that worker says nothing for `affinity_timeout_s` or answers `overloaded`, the request goes to the
+        shared topic too (the same requestId: answered once).
+        """
+        if fallback is None:
+            return await inbox.get()
+        try:
+            async with asyncio.timeout(self._affinity_timeout_s):
+                body = await inbox.get()
+        except TimeoutError:
+            body = {}
+        busy = body.get("done") and (body.get("error") or {}).get("code") == "overloaded"
+        if body and not busy:
+            return body
+        self.fallbacks += 1
+        await self._bus.publish(fallback, payload)
+        return await inbox.get()
+
+    def _direct(self, project: str, session: str) -> str | None:
+        """The sticky worker's own topic for this session, if it invited it and its status says `ready`."""
+        worker = self._sticky.get((project, session)) if self._affinity else None
+        return self._topics.direct_input(project, worker) if worker and project in self._ready.get(worker, ()) else None
+
+    async def _remember(self, project: str, session: str, reply: Reply) -> None:
+        """Stick the session to the worker its answer invited (a validated id: it becomes part of a topic)."""
+        invited = reply.raw.get("affinity")
+        worker = invited.get("worker") if isinstance(invited, dict) else None
+        self._sticky.pop((project, session), None)
+        if not (self._affinity and reply.ok and is_valid_id(worker)):
+            return
+        if f"{self._status_prefix}+/status" not in self._subscribed:  # who is ready (retained: arrives at once)
+            self._subscribed.add(f"{self._status_prefix}+/status")
+            await self._bus.subscribe([f"{self._status_prefix}+/status"])
+            with contextlib.suppress(TimeoutError):  # once per client: the next turn can then go direct
+                async with asyncio.timeout(STATUS_GRACE_S):
+                    while str(worker) not in self._ready:
+                        self._status_changed.clear()
+                        await self._status_changed.wait()
+        self._sticky[(project, session)] = str(worker)
+        while len(self._sticky) > MAX_STICKY:
+            del self._sticky[next(iter(self._sticky))]
 
     async def cancel(self, project: str, request_id: str) -> None:
         """Ask the worker to abort a request (its reply then carries error `cancelled`)."""

@@ -194,6 +194,14 @@ class WorkerSection(_Section):
     takeover_after_s: float = Field(30.0, ge=0)
     """A peer whose status says offline this long has its broker session (its queued share) served and
     ended by one live worker (share group on MQTT 5 with Redis state only; 0 = never)."""
+    affinity: bool = True
+    """Session affinity (docs/protocol.md section 4a): a v2 session's next turn may come straight to the worker
+    holding its KV cache, on `{project}/worker/{id}/user_input`. On only with Redis state (a resend must be
+    deduplicated fleet-wide)."""
+    affinity_max_waiting: int = Field(4, ge=0)
+    """Shed affinity (stop inviting sticky turns) while more requests than this wait in the engine."""
+    affinity_max_kv_usage: float = Field(0.8, ge=0, le=1)
+    """... or while the engine's KV cache is fuller than this."""
     telemetry_interval_s: float = Field(5.0, gt=0)
     """Period of `vllm-worker/{id}/telemetry` messages."""
     project_telemetry: bool = False

@@ -33,6 +33,7 @@ from worker.projects import Project
 from worker.protocol import Dialect, Topics
 from worker.protocol.parse import ROUTING_PARSE_LIMIT_BYTES
 from worker.serving.admission import Admission
+from worker.serving.affinity import Affinity
 from worker.serving.control import Control
 from worker.serving.devices import DeviceTools
 from worker.serving.intake import Intake
@@ -97,6 +98,7 @@ class Service:
         self._pipeline: Pipeline | None = None
         self._takeover: Takeover | None = None
         self._devices: DeviceTools | None = None
+        self._affinity = Affinity(cfg.worker, self._topics, self.worker_id, engine, list(self._projects))
         self._adapters = self._status.adapters = AdapterTable()
         self._control_topic = f"{cfg.worker.topic_prefix}vllm-worker/{self.worker_id}/control"
 
@@ -113,7 +115,8 @@ class Service:
             store = await stack.enter_async_context(open_state(self._cfg))
             intake = self._wire(bus, engine, store, model_config)
             devices = self._devices.filters() if self._devices is not None else []
-            await bus.subscribe(self._control_filters() + devices + self._request_filters() + self._peer_filters())
+            inputs = self._request_filters() + self._affinity.filters()
+            await bus.subscribe(self._control_filters() + devices + inputs + self._peer_filters())
             self._status.engine_ready = True
             await self._status.publish_status("ready")
             self.ready.set()
@@ -167,8 +170,16 @@ class Service:
         w = self._cfg.worker
         self._status.store = store
         self._sessions = self._status.sessions = SessionStore(self._cfg.sessions, engine, store)
+        self._affinity = Affinity(w, self._topics, self.worker_id, engine, list(self._projects))
+        self._affinity.enable(store.backend)
+        self._status.affinity = self._affinity.inviting if self._affinity.enabled else None
         replier = Replier(
-            self._publish_reply, engine.model_name, self.worker_id, w.stream_interval_ms, w.stream_max_tokens
+            self._publish_reply,
+            engine.model_name,
+            self.worker_id,
+            w.stream_interval_ms,
+            w.stream_max_tokens,
+            affinity=self._affinity.invite,
         )
         self._jobs = JobTable(bus.ack, self._admission.release, hold_acks=self._grouped)
         self._devices = DeviceTools(self._projects, self._topics, self.worker_id, self._publish_call, self.counters)
@@ -257,7 +268,7 @@ class Service:
         """What a peer's session subscribed: its shared request filters, control topics, peers' statuses."""
         t, group = self._topics, f"$share/{self._cfg.worker.share_group}/"
         shared = [group + f for p in sorted(projects) for f in (t.user_input(p), t.user_input_sessions(p))]
-        own = [f"{t.prefix}vllm-worker/{peer}/control", *self._peer_filters()]
+        own = [f"{t.prefix}vllm-worker/{peer}/control", *self._peer_filters(), *self._affinity.filters(peer)]
         return shared + [f for p in sorted(projects) for f in (t.cancel(p), t.session_reset(p))] + own
 
     async def _intake(self, bus: Bus, intake: Intake) -> None:
@@ -299,7 +310,7 @@ class Service:
         self._admission.draining = True
         await self._status.publish_status("draining")
         with contextlib.suppress(Exception):
-            await bus.unsubscribe(self._request_filters())
+            await bus.unsubscribe(self._request_filters() + self._affinity.filters())
         if self._jobs is not None and len(self._jobs):
             self._say(f"draining {len(self._jobs)} request(s), up to {self._cfg.worker.drain_timeout_s:.0f} s")
         if self._jobs is not None:

@@ -52,7 +52,8 @@ def fleet(broker_url: str, env: dict[str, str], ids: list[str] = IDS) -> Iterato
 
 
 def client(port: int, client_id: str = "robot") -> Client:
-    return Client(BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), client_id=client_id)
+    """Without affinity: these tests spread one session's turns over the fleet (tests/faults/test_affinity.py)."""
+    return Client(BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), client_id=client_id, affinity=False)
 
 
 def turns_seen(text: str) -> int:

@@ -182,6 +182,7 @@ ALLOWED: dict[str, set[str]] = {
         "serving.sessions",
         "state",
     },
+    "serving.affinity": {"config", "engine.base", "protocol"},
     "serving.devices": {
         "errors",
         "message",
@@ -250,6 +251,7 @@ ALLOWED: dict[str, set[str]] = {
         "protocol",
         "protocol.parse",
         "serving.admission",
+        "serving.affinity",
         "serving.control",
         "serving.devices",
         "serving.intake",

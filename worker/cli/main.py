@@ -140,6 +140,7 @@ def serve(argv: Sequence[str]) -> int:
                 token_delay_s=float(os.environ.get("VLLM_WORKER_FAKE_TOKEN_DELAY_S", "0")),
                 log_generations=script == "history",
                 start_s=float(os.environ.get("VLLM_WORKER_FAKE_START_S", "0")),
+                prefix_cache=os.environ.get("VLLM_WORKER_FAKE_PREFIX_CACHE") == "1",
             )
         else:
             from worker.engine.vllm import VllmEngine  # noqa: PLC0415

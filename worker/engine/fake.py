@@ -116,12 +116,16 @@ class FakeEngine:
         log_generations: bool = False,
         start_s: float = 0.0,
         reasoning_parser: bool = False,
+        prefix_cache: bool = False,
     ) -> None:
         self._script = script
         self._start_s = start_s
         """How long entering takes (a real engine loads for 10 s to minutes: start-up races are tested with it)."""
         self._log_generations = log_generations
         self._reasoning_parser = reasoning_parser
+        self._prefixes: dict[int, None] | None = {} if prefix_cache else None
+        """Hashes of prompt prefixes seen (blocks of PREFIX_BLOCK words), like vLLM's prefix cache: a prompt
+        whose prefix this engine saw reports those tokens as cached. Bounded (PREFIX_CACHE entries)."""
         """Split `<think>...</think>` off the whole output into `Delta.parsed`, as a reasoning parser does."""
         self._token_delay_s = token_delay_s
         self._fail_after = fail_after
@@ -211,6 +215,7 @@ class FakeEngine:
         if self._log_generations:  # one line per generation: the chaos checker counts them per requestId
             log.info("fake.generated", request_id=request_id)
         calls, words = self._words(prompt, sampling, tools, adapter)
+        cached = self._cached(prompt)
         limit = min(len(words), sampling.max_tokens)
         self.running += 1
         self.max_running_seen = max(self.max_running_seen, self.running)
@@ -232,6 +237,7 @@ class FakeEngine:
                     new_tokens=1,
                     finish_reason=reason,
                     prompt_tokens=len(prompt.token_ids),
+                    cached_tokens=cached,
                     parsed=parsed,
                 )
         except asyncio.CancelledError:
@@ -239,6 +245,22 @@ class FakeEngine:
             raise
         finally:
             self.running -= 1
+
+    def _cached(self, prompt: Prompt) -> int:
+        """Tokens of this prompt's prefix seen before (whole blocks); remembers its prefixes."""
+        if self._prefixes is None:
+            return 0
+        words, cached, hit = prompt.text.split(), 0, True
+        for end in range(PREFIX_BLOCK, len(words) + 1, PREFIX_BLOCK):
+            key = hash(tuple(words[:end]))
+            if hit and key in self._prefixes:
+                cached = end
+            else:
+                hit = False
+            self._prefixes[key] = None
+        while len(self._prefixes) > PREFIX_CACHE:
+            del self._prefixes[next(iter(self._prefixes))]
+        return min(cached, len(prompt.token_ids))
 
     def _parsed(self, text: str, calls: tuple[RawCall, ...]) -> Parsed:
         reasoning = None
@@ -290,6 +312,8 @@ def _calls_text(message: ChatMessage) -> str:
     return "".join(_hermes(RawCall(c.name, c.arguments)) for c in message.tool_calls)
 
 
+PREFIX_BLOCK = 16
+PREFIX_CACHE = 65536
 KEEP_HISTORY = 256
 """What tests inspect is the recent past; a soak of millions of requests must not grow it (it did: 8 B each)."""
 

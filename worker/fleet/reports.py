@@ -140,3 +140,5 @@ class TelemetryReport(_Wire):
     """Absent from workers older than the state layer."""
     adapters: dict[Id, Name] = Field(default_factory=dict, max_length=MAX_ENTRIES)
     """project -> LoRA adapter loaded for it."""
+    affinity: bool | None = None
+    """Whether the worker invites sticky turns now (on, and its engine not loaded); absent when affinity is off."""

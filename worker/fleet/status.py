@@ -57,6 +57,8 @@ class StatusReporter:
         self.store: StateStore | None = None
         self.adapters: AdapterTable | None = None
         self.engine_ready = False
+        self.affinity: Callable[[], bool] | None = None
+        """Whether the worker invites sticky turns now (telemetry says so; None: not wired)."""
 
     def _model_name(self) -> str:
         if self.engine_ready:  # report what the engine actually loaded
@@ -123,6 +125,7 @@ class StatusReporter:
             process=process,
             state=_state_report(self.store),
             adapters=self.adapters.names() if self.adapters is not None else {},
+            affinity=self.affinity() if self.affinity is not None else None,
         )
 
     async def telemetry_loop(self) -> None:

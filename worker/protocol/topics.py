@@ -52,6 +52,15 @@ class Topics:
         """Session-reset topic."""
         return f"{self.prefix}{project}/session/reset"
 
+    def direct_input(self, project: str, worker_id: str) -> str:
+        """A worker's own request topic, outside every shared filter: a sticky session's turns come here."""
+        return f"{self.prefix}{project}/worker/{worker_id}/user_input"
+
+    def is_direct(self, topic: str) -> bool:
+        """Whether a request topic is a worker's own (`direct_input`), not the shared one."""
+        parts = topic[len(self.prefix) :].split("/") if topic.startswith(self.prefix) else []
+        return len(parts) == 4 and parts[1] == "worker" and parts[3] == "user_input"  # noqa: PLR2004
+
     def tool_results(self, project: str, worker_id: str) -> str:
         """Where devices answer this worker's tool calls (the per-worker namespace `{project}/worker/{id}/`)."""
         return f"{self.prefix}{project}/worker/{worker_id}/tool_result"
@@ -96,6 +105,8 @@ class Topics:
             return parts[0], None
         if len(parts) == 3 and parts[1] == "user_input":  # noqa: PLR2004 - {project}/user_input/{session}
             return parts[0], parts[2]
+        if self.is_direct(topic):
+            return parts[0], None
         return None
 
 

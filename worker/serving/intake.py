@@ -8,16 +8,17 @@ made our own code raise). Then the job table applies the ack policy to it.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable
 
 import structlog
 
 from worker import protocol
-from worker.errors import EngineError, RequestCancelledError, StateUnavailableError, WorkerError
+from worker.errors import EngineError, PublishError, RequestCancelledError, StateUnavailableError, WorkerError
 from worker.message import InboundMessage
 from worker.projects import Project
-from worker.protocol import Cancel, FinalReply, Rejected, Request, Reset, Route, Topics
+from worker.protocol import Cancel, Dialect, FinalReply, Rejected, Request, Reset, Route, Topics
 from worker.serving.admission import Admission
 from worker.serving.control import Control
 from worker.serving.jobs import Job, JobTable
@@ -98,12 +99,22 @@ class Intake:
             self._refused(msg, rejected)
             return None
         try:
-            return self._admit(request)
+            job = self._admit(request)
         except Exception:  # a bug of ours after parsing: answer this request, keep the intake
             self._count(request.route.project, "internal_errors")
             log.exception("request.admission_failed", request_id=request.request_id)
             self._fail(request.route, EngineError())
             return None
+        if job is not None and self._topics.is_direct(msg.topic) and request.route.dialect is Dialect.V2:
+            self._jobs.reply(self._accepted(request))  # the client now knows this worker took it
+        return job
+
+    async def _accepted(self, request: Request) -> None:
+        """A request sent to this worker's own topic (affinity) is acknowledged at once: `seq` 0."""
+        route = request.route
+        body = protocol.v2_message(route, 0, done=False, event="accepted", worker=self._replier.worker)
+        with contextlib.suppress(PublishError):
+            await self._replier.publish(route.topic, body, route.correlation_data, wait=False)
 
     def _refused(self, msg: InboundMessage, rejected: Rejected) -> None:
         self._count(rejected.route.project if rejected.route else "?", "rejected")

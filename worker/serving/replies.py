@@ -204,6 +204,7 @@ class Stream:
                 timing={"queueMs": outcome.queue_ms, "ttftMs": outcome.ttft_ms, "totalMs": outcome.total_ms},
                 model=self._replier.model,
                 worker=self._replier.worker,
+                affinity=self._replier.affinity(route),
             )
         return await self._send_final(payload, None)
 
@@ -226,12 +227,23 @@ UNPUBLISHABLE = "the reply topic cannot be published to"
 class Replier:
     """Publishes exactly one final message per request, plus coalesced chunks for v2 streams."""
 
-    def __init__(self, publish: Publish, model: str, worker: str, interval_ms: int = 50, max_tokens: int = 16) -> None:
+    def __init__(
+        self,
+        publish: Publish,
+        model: str,
+        worker: str,
+        interval_ms: int = 50,
+        max_tokens: int = 16,
+        *,
+        affinity: Callable[[Route], dict[str, str] | None] | None = None,
+    ) -> None:
         self.publish = publish
         self.model = model
         self.worker = worker
         self.interval_ms = interval_ms
         self.max_tokens = max_tokens
+        self.affinity = affinity or (lambda _route: None)
+        """What a final v2 answer says about stickiness: where the session's next turn may go (None: anywhere)."""
 
     def stream(self, request: Request) -> Stream:
         """The message sequence of one request."""
