@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench import mosquitto, pct
 
 from worker import log
 from worker.client import Client
@@ -48,27 +48,6 @@ timeout_s = 10.0
 TOOL, PLAIN = "call:ping", "hello"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def mosquitto():
-    port, folder = free_port(), Path(tempfile.mkdtemp(prefix="bench-tools-"))
-    conf = folder / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\nmax_queued_messages 0\n")
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.3)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 async def device(port: int, stop: asyncio.Event) -> None:
     """Answers every call at once, on the call's reply topic."""
     async with Bus(BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), "bench-device", protocol="5") as bus:
@@ -79,11 +58,6 @@ async def device(port: int, stop: asyncio.Event) -> None:
             call = json.loads(msg.payload)
             body = json.dumps({"callId": call["callId"], "content": "pong"}).encode()
             await bus.publish(call["replyTopic"], body, wait=False)
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def latency(c: Client, n: int) -> dict[str, list[float]]:
@@ -146,10 +120,10 @@ async def run(n: int, total: int) -> None:
     for arm in ("plain", "tool"):
         v = lat[arm]
         mean = statistics.mean(v)
-        print(f"latency {arm:5}: p50 {pct(v, 0.5):.2f} ms  p99 {pct(v, 0.99):.2f} ms  mean {mean:.2f} ms (n={n})")
+        print(f"latency {arm:5}: p50 {pct(v, 50):.2f} ms  p99 {pct(v, 99):.2f} ms  mean {mean:.2f} ms (n={n})")
     print(
-        f"tool round overhead: p50 +{pct(lat['tool'], 0.5) - pct(lat['plain'], 0.5):.2f} ms, "
-        f"p99 +{pct(lat['tool'], 0.99) - pct(lat['plain'], 0.99):.2f} ms"
+        f"tool round overhead: p50 +{pct(lat['tool'], 50) - pct(lat['plain'], 50):.2f} ms, "
+        f"p99 +{pct(lat['tool'], 99) - pct(lat['plain'], 99):.2f} ms"
     )
     print(
         f"c32 throughput: plain {rates['plain']:.0f} / {rates['plain2']:.0f} req/s, "
