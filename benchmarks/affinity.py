@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import statistics
 import sys
@@ -69,7 +70,8 @@ async def conversation(c: Client, session: str, turns: int, out: list[dict]) -> 
     for turn in range(1, turns + 1):
         reply = await c.ask(
             "general",
-            f"Turn {turn}: wall ahead, opening on the left, mark on the floor. Which way?",
+            # each conversation its own words: identical ones would share their cache across sessions
+            f"Robot {session} at step {turn}: wall ahead, opening on the left. Which way?",
             session=session,
             systemPrompt=SYSTEM,
             maxTokens=24,
@@ -86,6 +88,8 @@ async def conversation(c: Client, session: str, turns: int, out: list[dict]) -> 
                 "prompt": usage.get("promptTokens", 0),
                 "cached": usage.get("cachedTokens", 0),
                 "ttft": timing.get("ttftMs", 0),
+                "invited": "affinity" in reply.raw,
+                "session": session,
             }
         )
 
@@ -102,24 +106,33 @@ async def arm(port: int, name: str, sessions: int, turns: int) -> dict:
     late = [r for r in out if r["turn"] >= 4 and r["ok"]]
     ratios = [r["cached"] / r["prompt"] for r in late if r["prompt"]]
     per_worker = Counter(r["worker"] for r in out)
+    by_session: dict[str, list[dict]] = {}
+    for r in sorted(out, key=lambda r: r["turn"]):
+        by_session.setdefault(r["session"], []).append(r)
+    pairs = [pair for turns_ in by_session.values() for pair in itertools.pairwise(turns_)]
     return {
         "arm": name,
         "requests": len(out),
         "errors": sum(not r["ok"] for r in out),
         "req_per_s": len(out) / wall,
         "reuse_mean": statistics.mean(ratios) if ratios else 0.0,
+        "prefill_mean": statistics.mean(r["prompt"] - r["cached"] for r in late) if late else 0.0,
         "reuse_min": min(ratios) if ratios else 0.0,
         "ttft_p50": pct([r["ttft"] for r in late], 50),
         "ttft_p99": pct([r["ttft"] for r in late], 99),
         "per_worker": dict(per_worker),
         "fallbacks": c.fallbacks,
+        "same_worker": sum(a["worker"] == b["worker"] for a, b in pairs) / max(1, len(pairs)),
+        "invited": sum(r["invited"] for r in out) / max(1, len(out)),
     }
 
 
 async def run(args: argparse.Namespace) -> None:
     cores = sorted(os.sched_getaffinity(0))[:2]
     with mosquitto() as port, redis_server() as redis_url, workers(port, redis_url, cores):
-        results = [await arm(port, name, args.sessions, args.turns) for name in args.arms.split(",")]
+        await arm(port, "warmup", 4, 2)  # kernels, allocator, first prefix-cache blocks: paid by no arm
+        names = args.arms.split(",") * args.rounds  # alternated: neither arm always runs first
+        results = [await arm(port, name, args.sessions, args.turns) for name in names]
     cpu = await asyncio.to_thread(Path("/proc/cpuinfo").read_text)
     print(f"machine: {len(os.sched_getaffinity(0))} cores, {'avx512_bf16' if 'avx512_bf16' in cpu else 'no bf16'}")
     print(f"{args.sessions} sessions x {args.turns} turns, two workers pinned to cores {cores}; turns >= 4:")
@@ -128,8 +141,10 @@ async def run(args: argparse.Namespace) -> None:
         skew = max(r["per_worker"].values()) / mean_share if r["per_worker"] else 0
         print(
             f"  {r['arm']:7} reuse cached/prompt mean {r['reuse_mean']:.2f} (min {r['reuse_min']:.2f}), "
+            f"prefilled {r['prefill_mean']:.0f} tokens/request, "
             f"TTFT p50 {r['ttft_p50']:.0f} ms p99 {r['ttft_p99']:.0f} ms, {r['req_per_s']:.2f} req/s, "
-            f"per worker {r['per_worker']} (max/mean {skew:.2f}), errors {r['errors']}, fallbacks {r['fallbacks']}"
+            f"per worker {r['per_worker']} (max/mean {skew:.2f}), errors {r['errors']}, fallbacks {r['fallbacks']}, "
+            f"next turn on the same worker {r['same_worker']:.2f}, replies inviting {r['invited']:.2f}"
         )
     if len(results) == 2:
         s, h = results
@@ -141,6 +156,7 @@ def main() -> int:
     p.add_argument("--sessions", type=int, default=24)
     p.add_argument("--turns", type=int, default=8)
     p.add_argument("--arms", default="sticky,shared")
+    p.add_argument("--rounds", type=int, default=2)
     asyncio.run(run(p.parse_args()))
     return 0
 
