@@ -28,7 +28,7 @@ PLACEHOLDERS: dict[str, list[object]] = {
     "device": ["{deviceId}"],
     "tool": ["{tool}"],
 }
-TOPIC_PARSERS = {"control_kind", "split_request", "is_tool_topic"}
+TOPIC_PARSERS = {"control_kind", "split_request", "is_tool_topic", "is_direct"}
 """`Topics` methods that read a topic instead of building one."""
 PROJECT_TELEMETRY = "{project}/telemetry"
 """Built inline by `StatusReporter.telemetry_loop` (`worker.project_telemetry`)."""
