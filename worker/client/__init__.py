@@ -22,21 +22,17 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
+from worker.client.workers import STATUS_GRACE_S, Workers
 from worker.config import BrokerConfig
 from worker.protocol import Topics, is_valid_id
 from worker.transport.bus import Bus
 
-MAX_WORKERS_TRACKED = 1024
-MAX_PROJECTS, MAX_NAME_CHARS = 256, 128
-"""What is kept of a worker's project list (a status is broker data: bounded in bytes, not only entries)."""
 EVENT_FIELDS: tuple[str, ...] = ("event", "toolCall", "toolResult")
 """What a stream's step chunk carries (see `Chunk.event`)."""
 ToolRunner = Callable[[str, dict[str, Any]], Any]
 """Runs one tool call: `(name, arguments) -> result` (text, or JSON-able), sync or async."""
 MAX_STICKY = 4096
 """Sessions whose sticky worker is remembered (the oldest are forgotten: their turns use the shared topic)."""
-STATUS_GRACE_S = 0.5
-"""Retained statuses arrive right after subscribing: only after this long is a client said to wait."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +107,7 @@ class Client:
         self._inboxes: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._watcher: Callable[[str, bytes], object] | None = None
-        self._status_prefix = f"{topic_prefix}vllm-worker/"
-        self._ready: dict[str, frozenset[str]] = {}  # worker -> projects, for workers whose status is ready
-        self._status_changed = asyncio.Event()
+        self._workers = Workers(self._bus, topic_prefix)
         self._affinity, self._affinity_timeout_s = affinity, affinity_timeout_s
         self._sticky: dict[tuple[str, str], str] = {}  # (project, session) -> the worker that invited it
         self.fallbacks = 0
@@ -138,8 +132,8 @@ class Client:
         while True:
             msg = await self._bus.messages()
             self._bus.ack(msg)
-            if msg.topic.startswith(self._status_prefix) and msg.topic.endswith("/status"):
-                self._note_status(msg.topic, msg.payload)
+            if self._workers.is_status(msg.topic):
+                self._workers.note(msg.topic, msg.payload)
             if self._watcher is not None and msg.topic not in self._subscribed:
                 self._watcher(msg.topic, msg.payload)  # e.g. FleetState.handle: validates, never raises
                 continue
@@ -156,22 +150,6 @@ class Client:
             if (inbox := self._inboxes.get(key)) is not None:
                 inbox.put_nowait(body)
 
-    def _note_status(self, topic: str, payload: bytes) -> None:
-        """Track which workers are ready for which projects (bounded: MAX_WORKERS_TRACKED)."""
-        worker = topic[len(self._status_prefix) : -len("/status")]
-        self._ready.pop(worker, None)
-        try:
-            body = json.loads(payload) if payload else {}
-        except (ValueError, UnicodeDecodeError):
-            body = {}
-        projects = body.get("projects") if isinstance(body, dict) else None
-        if isinstance(body, dict) and body.get("state") == "ready" and isinstance(projects, list):
-            names = (p for p in projects[:MAX_PROJECTS] if isinstance(p, str) and 0 < len(p) <= MAX_NAME_CHARS)
-            self._ready[worker] = frozenset(names)
-            while len(self._ready) > MAX_WORKERS_TRACKED:
-                del self._ready[next(iter(self._ready))]
-        self._status_changed.set()
-
     async def wait_for_worker(
         self, project: str, timeout_s: float, on_wait: Callable[[], object] | None = None
     ) -> None:
@@ -181,18 +159,14 @@ class Client:
         that starts with its fleet waits here first. `on_wait` is called once when no worker is ready at
         once (e.g. to print "waiting for a worker..."); raises TimeoutError after `timeout_s`.
         """
-        await self._bus.subscribe([f"{self._status_prefix}+/status"])
+        await self._workers.watch()
         async with asyncio.timeout(timeout_s):
-            waited = False
-            while not any(project in projects for projects in self._ready.values()):
-                self._status_changed.clear()
-                try:
-                    async with asyncio.timeout(STATUS_GRACE_S):
-                        await self._status_changed.wait()
-                except TimeoutError:
-                    if on_wait is not None and not waited:
-                        on_wait()
-                    waited = True
+            try:
+                await self._workers.until(lambda: self._workers.serving(project), STATUS_GRACE_S)
+            except TimeoutError:
+                if on_wait is not None:
+                    on_wait()
+                await self._workers.until(lambda: self._workers.serving(project), timeout_s)
 
     async def watch(self, filters: list[str], handler: Callable[[str, bytes], object]) -> None:
         """Also subscribe `filters` and hand their messages to `handler` (one connection for a console)."""
@@ -330,7 +304,7 @@ class Client:
     def _direct(self, project: str, session: str) -> str | None:
         """The sticky worker's own topic for this session, if it invited it and its status says `ready`."""
         worker = self._sticky.get((project, session)) if self._affinity else None
-        return self._topics.direct_input(project, worker) if worker and project in self._ready.get(worker, ()) else None
+        return self._topics.direct_input(project, worker) if worker and self._workers.ready(worker, project) else None
 
     async def _remember(self, project: str, session: str, reply: Reply) -> None:
         """Stick the session to the worker its answer invited (a validated id: it becomes part of a topic)."""
@@ -339,14 +313,10 @@ class Client:
         self._sticky.pop((project, session), None)
         if not (self._affinity and reply.ok and is_valid_id(worker)):
             return
-        if f"{self._status_prefix}+/status" not in self._subscribed:  # who is ready (retained: arrives at once)
-            self._subscribed.add(f"{self._status_prefix}+/status")
-            await self._bus.subscribe([f"{self._status_prefix}+/status"])
-            with contextlib.suppress(TimeoutError):  # once per client: the next turn can then go direct
-                async with asyncio.timeout(STATUS_GRACE_S):
-                    while str(worker) not in self._ready:
-                        self._status_changed.clear()
-                        await self._status_changed.wait()
+        if not self._workers.watched:  # once per client: retained statuses arrive at once
+            await self._workers.watch()
+            with contextlib.suppress(TimeoutError):  # so the next turn can go direct already
+                await self._workers.until(lambda: self._workers.ready(str(worker)), STATUS_GRACE_S)
         self._sticky[(project, session)] = str(worker)
         while len(self._sticky) > MAX_STICKY:
             del self._sticky[next(iter(self._sticky))]
