@@ -189,7 +189,6 @@ ALLOWED: dict[str, set[str]] = {
         "projects",
         "protocol",
         "protocol.payload",
-        "protocol.schemas",
         "protocol.tools",
     },
     "serving.rounds": {"engine.base", "errors", "protocol", "protocol.tools", "serving.devices", "serving.replies"},

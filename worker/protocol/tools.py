@@ -150,12 +150,15 @@ def _spec(item: object) -> ToolSpec:
     function = item.get("function") if isinstance(item, dict) and item.get("type") == "function" else None
     if not isinstance(function, dict):
         raise BadRequestError('each tool must be {"type": "function", "function": {name, description, parameters}}')
-    name, description = function.get("name"), function.get("description", "")
+    return tool_spec(function.get("name"), function.get("description", ""), function.get("parameters"))
+
+
+def tool_spec(name: object, description: object, parameters: object) -> ToolSpec:
+    """A tool's name, description and JSON Schema, checked (requests, announcements, project files alike)."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise BadRequestError("a tool name must be 1-64 chars of [A-Za-z0-9_-]")
     if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:
         raise BadRequestError(f"a tool description must be a string of at most {MAX_DESCRIPTION_CHARS} chars")
-    parameters = function.get("parameters")
     if parameters is None:
         return ToolSpec(name, description)
     canonical, problem = check_schema(parameters, f"parameters of tool {name}")

@@ -22,13 +22,12 @@ from dataclasses import dataclass
 
 import structlog
 
-from worker.errors import ConfigError
+from worker.errors import BadRequestError, ConfigError
 from worker.message import InboundMessage
 from worker.projects import Project
 from worker.protocol import Topics, is_valid_id
 from worker.protocol.payload import decode
-from worker.protocol.schemas import check_schema
-from worker.protocol.tools import MAX_DESCRIPTION_CHARS, NAME, ToolCall, ToolSpec
+from worker.protocol.tools import ToolCall, ToolSpec, tool_spec
 
 log = structlog.get_logger(__name__)
 
@@ -172,20 +171,14 @@ class DeviceTools:
     def _announced_tool(self, project: str, device: str, item: object) -> tuple[DeviceTool | None, str | None]:
         if not isinstance(item, dict):
             return None, "a tool must be an object {name, description, parameters, timeoutMs}"
-        name, description, timeout_ms = item.get("name"), item.get("description", ""), item.get("timeoutMs", 5000)
-        if not isinstance(name, str) or not NAME.fullmatch(name):
-            return None, "a tool name must be 1-64 chars of [A-Za-z0-9_-]"
-        if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:
-            return None, "a tool description must be a short string"
+        timeout_ms = item.get("timeoutMs", 5000)
         if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or not 0 < timeout_ms <= MAX_TIMEOUT_MS:
             return None, f"timeoutMs must be an integer in 1-{MAX_TIMEOUT_MS}"
-        parameters = None
-        if item.get("parameters") is not None:
-            parameters, problem = check_schema(item["parameters"], f"parameters of tool {name}")
-            if problem is not None:
-                return None, problem
-        spec = ToolSpec(name, description, parameters)
-        return DeviceTool(spec, self._topics.device_tool(project, device, name), timeout_ms / 1000, device), None
+        try:
+            spec = tool_spec(item.get("name"), item.get("description", ""), item.get("parameters"))
+        except BadRequestError as err:
+            return None, err.message
+        return DeviceTool(spec, self._topics.device_tool(project, device, spec.name), timeout_ms / 1000, device), None
 
     # ---- outbound: one call --------------------------------------------------------------------------
     async def call(self, project: str, call: ToolCall, tool: DeviceTool, request_id: str) -> Result:
@@ -217,15 +210,12 @@ class DeviceTools:
 
 
 def _declared(project: Project, topics: Topics) -> tuple[DeviceTool, ...]:
-    """A project file's `[[tools]]`, their schemas checked like a request's (ConfigError at start)."""
+    """A project file's `[[tools]]`, checked like a request's tools (ConfigError at start)."""
     out = []
     for tool in project.tools:
-        parameters = None
-        if tool.parameters is not None:
-            parameters, problem = check_schema(tool.parameters, f"parameters of tool {tool.name}")
-            if problem is not None:
-                raise ConfigError(f"project {project.name}, tool {tool.name}: {problem}")
-        out.append(
-            DeviceTool(ToolSpec(tool.name, tool.description, parameters), topics.prefix + tool.topic, tool.timeout_s)
-        )
+        try:
+            spec = tool_spec(tool.name, tool.description, tool.parameters)
+        except BadRequestError as err:
+            raise ConfigError(f"project {project.name}, tool {tool.name}: {err.message}") from None
+        out.append(DeviceTool(spec, topics.prefix + tool.topic, tool.timeout_s))
     return tuple(out)
