@@ -218,3 +218,16 @@ def test_a_project_file_with_a_tool_topic_in_a_reserved_subtree_is_refused(tmp_p
         (tmp_path / "lab.toml").write_text(LAB.replace("lab/tools/robot-1/move", topic))
         with pytest.raises(ConfigError, match="tool topic"):
             load_project(tmp_path / "lab.toml")
+
+
+async def test_the_trace_keeps_a_bounded_part_of_each_result_and_the_model_reads_all_of_it(topics_dir):
+    """16 rounds x 16 calls of 16 KiB results must not make a final reply the broker refuses."""
+
+    def big(call: dict) -> dict:
+        return {"callId": call["callId"], "content": "x" * 16_000}
+
+    async with fleet(topics_dir) as (_, port), device(port, big), client(port) as c:
+        reply = await c.ask("lab", 'call:move:{"direction":"north"}', session="big")
+    (step,) = reply.raw["trace"][0]["calls"]
+    assert (len(step["result"]), step["resultChars"]) == (1024, 16_000)
+    assert reply.text == "results: " + "x" * 16_000

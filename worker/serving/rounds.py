@@ -25,6 +25,9 @@ from worker.serving.replies import Outcome
 Generate = Callable[[Prompt, int], Awaitable[Outcome]]
 """Generate from a prompt in a given round (call ids derive from it)."""
 Render = Callable[[Sequence[ChatMessage]], Awaitable[Prompt]]
+TRACE_RESULT_CHARS = 1024
+"""What the trace keeps of each result (the model got all of it): 16 rounds x 16 calls stay far below the
+broker's packet limit, where whole 16 KiB results would not."""
 Event = Callable[[dict[str, Any]], Awaitable[None]]
 """Show one step to a streaming client (`toolCall`, `toolResult`)."""
 
@@ -70,11 +73,9 @@ async def run_rounds(
         for call in calls:
             await event({"event": "toolCall", "toolCall": call.wire()})
         results = await asyncio.gather(*(_run(devices, project, c, available.get(c.name), request) for c in calls))
-        steps = []
-        for call, result in zip(calls, results, strict=True):
-            step = {"id": call.id, "name": call.name, "result": result.content, "ms": result.ms}
-            steps.append(step | ({"error": result.error} if result.error else {}))
-            await event({"event": "toolResult", "toolResult": steps[-1]})
+        steps = [_step(call, result) for call, result in zip(calls, results, strict=True)]
+        for step in steps:
+            await event({"event": "toolResult", "toolResult": step})
         trace.append({"round": round_no, "calls": steps, "usage": _usage(outcome)})
         chat += [
             ChatMessage("assistant", outcome.text, tool_calls=calls),
@@ -92,6 +93,17 @@ async def _run(devices: DeviceTools, project: str, call: ToolCall, tool: DeviceT
     if call.error is not None or tool is None:  # unknown tool or bad arguments: the model reads why, nothing is sent
         return Result(f"error: {call.error or 'unknown tool'}", "invalid", 0)
     return await devices.call(project, call, tool, request.request_id)
+
+
+def _step(call: ToolCall, result: Result) -> dict[str, Any]:
+    """One call in the trace (and its `toolResult` event): the result cut at TRACE_RESULT_CHARS."""
+    step: dict[str, Any] = {"id": call.id, "name": call.name, "result": result.content[:TRACE_RESULT_CHARS]}
+    if len(result.content) > TRACE_RESULT_CHARS:
+        step["resultChars"] = len(result.content)
+    step["ms"] = result.ms
+    if result.error:
+        step["error"] = result.error
+    return step
 
 
 def _usage(outcome: Outcome) -> dict[str, int]:
