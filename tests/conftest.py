@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from support import Mosquitto
+from support import Mosquitto, RedisServer
 
 from worker.projects import Project, load_projects
 
@@ -23,6 +23,14 @@ def mosquitto() -> Iterator[Mosquitto]:
     broker = Mosquitto().start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A throw-away redis-server (modules that share one across their tests define their own)."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -22,13 +22,6 @@ pytestmark = pytest.mark.faults
 SYSTEM = "You are a maze navigator. " * 20  # a long shared prefix, like a real system prompt
 
 
-@pytest.fixture
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
-
-
 @contextlib.asynccontextmanager
 async def two_workers(mosquitto: Mosquitto, redis: RedisServer, **worker: object) -> AsyncIterator[list[FakeEngine]]:
     engines = [FakeEngine(history_script, prefix_cache=True) for _ in range(2)]

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from support import ROOT, Mosquitto, RedisServer, bodies, peer, wait_ready, worker_subprocess
+from support import ROOT, Mosquitto, bodies, peer, wait_ready, worker_subprocess
 
 from worker.client import Client
 from worker.config import BrokerConfig
@@ -27,13 +27,6 @@ def mosquitto():
     broker = Mosquitto("persistence true\npersistence_location {dir}/\n").start()
     yield broker
     broker.stop()
-
-
-@pytest.fixture
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
 
 
 def fleet_env(redis_url: str, **extra: str) -> dict[str, str]:
