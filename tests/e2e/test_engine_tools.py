@@ -1,6 +1,4 @@
-"""Tools on the real engine (demo model, vLLM's hermes parser and structured outputs; marker e2e).
-
-Named to sort before test_real_engine.py, whose last test stops the shared worker."""
+"""Tools on the real engine (demo model, vLLM's hermes parser and structured outputs; marker e2e)."""
 
 from __future__ import annotations
 

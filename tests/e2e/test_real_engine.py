@@ -9,6 +9,7 @@ import time
 
 import psutil
 import pytest
+from conftest import launch_worker
 from support import MODEL_DIR, WorkerProcess, peer
 
 from worker.client import Client
@@ -168,17 +169,19 @@ async def test_telemetry_carries_real_engine_stats(worker_process: WorkerProcess
     assert report.process.rss_mib > 200  # includes the engine-core child process
 
 
-def test_zz_sigterm_stops_cleanly_within_10s_without_children(worker_process: WorkerProcess):
-    proc = psutil.Process(worker_process.proc.pid)
-    children = proc.children(recursive=True)
-    assert children, "vLLM's EngineCore runs as a child process"
-    started = time.monotonic()
-    worker_process.proc.send_signal(signal.SIGTERM)
-    code = worker_process.proc.wait(15)
-    elapsed = time.monotonic() - started
-    print(f"\n[e2e] SIGTERM to exit: {elapsed:.1f} s")
-    assert code == 0, worker_process.log()[-3000:]
-    assert elapsed < 10
-    _, alive = psutil.wait_procs(children, timeout=2)
-    assert not alive, f"children left behind: {alive}"
-    assert "vllm-worker: stopped" in worker_process.log()
+def test_sigterm_stops_cleanly_within_10s_without_children():
+    """Its own worker: stopping the session's shared one would leave later tests (any file) without it."""
+    with launch_worker("--projects", "general", worker_id="stopped") as worker:
+        proc = psutil.Process(worker.proc.pid)
+        children = proc.children(recursive=True)
+        assert children, "vLLM's EngineCore runs as a child process"
+        started = time.monotonic()
+        worker.proc.send_signal(signal.SIGTERM)
+        code = worker.proc.wait(15)
+        elapsed = time.monotonic() - started
+        print(f"\n[e2e] SIGTERM to exit: {elapsed:.1f} s")
+        assert code == 0, worker.log()[-3000:]
+        assert elapsed < 10
+        _, alive = psutil.wait_procs(children, timeout=2)
+        assert not alive, f"children left behind: {alive}"
+        assert "vllm-worker: stopped" in worker.log()
