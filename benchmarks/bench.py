@@ -7,6 +7,8 @@
                from a thread pool, over MQTT (benchmarks/legacy_worker.py)
   (e) serve    vLLM's own OpenAI server, streaming chat completions (benchmarks/serve_arm.py): what a
                user would run instead of the worker
+  serve-mp0    arm (e) in the worker's layout (VLLM_ENABLE_V1_MULTIPROCESSING=0): the API server at its
+               best on 2 cores (issue 30)
   mosquitto-mp1  arm (c) with vLLM's default engine layout (VLLM_ENABLE_V1_MULTIPROCESSING=1: the model
                in a worker process of its own beside the engine core, one core reserved for the front-end)
 
@@ -385,16 +387,17 @@ def profiled(arm: str, pid: int, concurrency: int) -> Iterator[None]:
 
 
 async def arm_serve(
-    spec: str, convo: list[list[dict[str, str]]], max_tokens: int, progress: Progress, task: TaskID
+    arm: str, spec: str, convo: list[list[dict[str, str]]], max_tokens: int, progress: Progress, task: TaskID
 ) -> list[LevelResult]:
     port = free_port()
 
     async def level_run(level: dict[str, int]) -> LevelResult:
         wall, samples, errors = await run_serve_level(port, level, convo, max_tokens)
-        return LevelResult("serve", level["concurrency"], level["requests"], wall, samples, errors=errors)
+        return LevelResult(arm, level["concurrency"], level["requests"], wall, samples, errors=errors)
 
-    with process(serve_command(str(MODEL), port), "Application startup complete", serve_env(kv_space_gib())) as proc:
-        return await measured_levels("serve", proc.pid, [], spec, level_run, progress, task)
+    env = serve_env(kv_space_gib(), model_in_engine_core=arm == "serve-mp0")
+    with process(serve_command(str(MODEL), port), "Application startup complete", env) as proc:
+        return await measured_levels(arm, proc.pid, [], spec, level_run, progress, task)
 
 
 async def arm_direct(
@@ -536,6 +539,7 @@ def report(results: dict[str, list[LevelResult]], args: argparse.Namespace, extr
             "amqtt/legacy": ratio("amqtt", "legacy", c),
             "mosquitto/serve": ratio("mosquitto", "serve", c),
             "mosquitto-mp1/serve": ratio("mosquitto-mp1", "serve", c),
+            "mosquitto/serve-mp0": ratio("mosquitto", "serve-mp0", c),
             "ttft_overhead_ms_amqtt": overhead("amqtt", c),
             "ttft_overhead_ms_mosquitto": overhead("mosquitto", c),
         }
@@ -611,10 +615,10 @@ def _cpu_lines(rep: dict[str, Any]) -> list[str]:
         for r in rows:
             groups = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r.get("cpu_s_per_ktok", {}).items()))
             lines.append(f"| {arm} | {r['concurrency']} | {groups or '-'} |")
-    arms = ["mosquitto", "mosquitto-mp1"]
-    serve = [(c, [r.get(f"{a}/serve") for a in arms]) for c, r in rep["ratios"].items()]
+    arms = ["mosquitto/serve", "mosquitto-mp1/serve", "mosquitto/serve-mp0"]
+    serve = [(c, [r.get(a) for a in arms]) for c, r in rep["ratios"].items()]
     if any(x is not None for _, xs in serve for x in xs):
-        header = "| conc | " + " | ".join(f"{a}/(e) serve tok/s" for a in arms) + " |"
+        header = "| conc | " + " | ".join(f"{a} tok/s" for a in arms) + " |"
         lines += ["", header, "|---" * (1 + len(arms)) + "|"]
         lines += [f"| {c} | " + " | ".join(_ratio(x) for x in xs) + " |" for c, xs in serve]
     return lines
@@ -660,8 +664,8 @@ async def run_arm(
         return await arm_worker(arm, None, spec, convo, tokens, progress, task)
     if arm == "telemetry1s":
         return await arm_worker(arm, None, spec, convo, tokens, progress, task, 1.0)
-    if arm == "serve":
-        return await arm_serve(spec, convo, tokens, progress, task)
+    if arm in {"serve", "serve-mp0"}:
+        return await arm_serve(arm, spec, convo, tokens, progress, task)
     with mosquitto() as port:
         if arm == "legacy":
             return await arm_legacy(port, spec, convo, tokens, progress, task)
@@ -711,7 +715,8 @@ def main() -> int:
     p.add_argument("--model", default=None, help="HF model dir (default: the demo model)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--history", action="store_true", help="realistic variant: a 4-turn chat before each prompt")
-    p.add_argument("--arms", default="direct,amqtt,mosquitto,legacy", help="also: serve, mosquitto-mp1, telemetry1s")
+    extra_arms = "also: serve, serve-mp0, mosquitto-mp1, telemetry1s"
+    p.add_argument("--arms", default="direct,amqtt,mosquitto,legacy", help=extra_arms)
     p.add_argument("--runs", type=int, default=1, help="repeat every arm N times; targets reported as min-max")
     p.add_argument("--micro", action="store_true", help="also the MQTT path alone with the fake engine")
     p.add_argument("--micro-requests", type=int, default=2000)

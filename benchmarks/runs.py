@@ -27,6 +27,8 @@ FIGURES = {
     "worker/direct tok/s (target >= 0.9 at 32)": ("direct", lambda w, o: w["tok_per_s"] / o["tok_per_s"]),
     "worker/direct TTFT p99 (target <= 1.5)": ("direct", lambda w, o: w["ttft_ms_p99"] / o["ttft_ms_p99"]),
     "worker/serve front-end+broker CPU per ktok (target <= 1.0)": ("serve", lambda w, o: _front_cpu(w) / _front_cpu(o)),
+    "worker/serve-mp0 tok/s (target >= 0.95)": ("serve-mp0", lambda w, o: w["tok_per_s"] / o["tok_per_s"]),
+    "worker/serve-mp0 front-end+broker CPU per ktok": ("serve-mp0", lambda w, o: _front_cpu(w) / _front_cpu(o)),
 }
 
 

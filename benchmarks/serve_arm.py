@@ -83,9 +83,17 @@ def serve_command(model: str, port: int) -> list[str]:
     ]  # fmt: skip
 
 
-def serve_env(kv_space_gib: int) -> dict[str, str]:
-    """The same KV-cache size as the worker arms; vLLM's own (multiprocess) layout, quiet logs."""
-    return {
+def serve_env(kv_space_gib: int, *, model_in_engine_core: bool = False) -> dict[str, str]:
+    """The same KV-cache size as the worker arms, quiet logs, and the engine layout.
+
+    vLLM's own layout (multiprocessing 1) runs the model in a worker process of its own; the `serve-mp0`
+    arm runs it inside the engine core (0), the layout the worker uses on CPU hosts and the fastest on
+    2 cores, so that the worker is compared with the API server at its best too (issue 30).
+    """
+    env = {
         "VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib),
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
+    if model_in_engine_core:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return env
