@@ -205,6 +205,10 @@ class WorkerSection(_Section):
     telemetry_interval_s: float = Field(5.0, gt=0)
     """Period of `vllm-worker/{id}/telemetry` messages."""
     project_telemetry: bool = False
+    homeassistant_discovery: bool = False
+    """Publish retained Home Assistant MQTT discovery configs: this worker's sensors show up by themselves."""
+    homeassistant_prefix: str = Field("homeassistant", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    """Home Assistant's discovery prefix (its MQTT integration's setting)."""
     """Also publish `{project}/telemetry`, narrowed to each project, for project dashboards."""
     drain_timeout_s: float = Field(5.0, ge=0)
     """In-flight requests get this long to finish on SIGTERM/Ctrl-C; the rest are answered `shutting_down`."""
@@ -223,6 +227,10 @@ class StateConfig(_Section):
     """Redis: one operation (connect included) fails after this long, and the backend counts as down."""
     key_prefix: str = Field("vw", pattern=r"^[A-Za-z0-9_.:-]{1,32}$")
     """Redis: every key starts `{key_prefix}/{topic_prefix}{project}/`."""
+    usage_retention_days: int = Field(35, ge=1, le=3660)
+    """Usage counters per UTC day are kept this long (Redis: as the keys' TTL)."""
+    usage_max_clients: int = Field(1000, ge=1, le=1_000_000)
+    """Clients counted by name per project and day; the rest count together as `(other)`."""
 
     @field_validator("url")
     @classmethod

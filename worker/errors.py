@@ -25,6 +25,7 @@ class ErrorCode(StrEnum):
     ENGINE_ERROR = "engine_error"
     SHUTTING_DOWN = "shutting_down"
     STATE_UNAVAILABLE = "state_unavailable"
+    QUOTA_EXCEEDED = "quota_exceeded"
 
 
 class WorkerError(Exception):
@@ -72,6 +73,12 @@ class RateLimitedError(WorkerError):
     """The (project, client) token bucket is empty."""
 
     code, public_message = ErrorCode.RATE_LIMITED, "Rate limit exceeded, please slow down"
+
+
+class QuotaExceededError(WorkerError):
+    """The client's or the project's daily token or request budget is used up (until the next UTC midnight)."""
+
+    code, public_message = ErrorCode.QUOTA_EXCEEDED, "Daily quota used up"
 
 
 class OverloadedError(WorkerError):

@@ -64,6 +64,21 @@ class RateLimit(BaseModel):
     project_burst: int = Field(100, gt=0)
 
 
+class QuotaLimits(BaseModel):
+    """Daily budgets per UTC day (`[quota]`); None is unlimited. Tokens are prompt + completion tokens.
+
+    A client (the v2 clientId, else the classic sessionId) or the whole project over its budget is refused
+    with `quota_exceeded` until the next UTC midnight; requests already running finish and are counted.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    client_tokens_per_day: int | None = Field(None, ge=0)
+    project_tokens_per_day: int | None = Field(None, ge=0)
+    client_requests_per_day: int | None = Field(None, ge=0)
+    project_requests_per_day: int | None = Field(None, ge=0)
+
+
 class ProjectTool(BaseModel):
     """A device tool a project declares (`[[tools]]`): the worker calls it on `topic` for the model."""
 
@@ -90,6 +105,7 @@ class Project(BaseModel):
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     limits: SamplingLimits = Field(default_factory=SamplingLimits)
     rate_limit: RateLimit = Field(default_factory=RateLimit)
+    quota: QuotaLimits = Field(default_factory=QuotaLimits)
     adapter: str | None = None
     """A PEFT LoRA directory (relative to the checkout, or absolute): this project's requests run with it."""
     tools: tuple[ProjectTool, ...] = ()

@@ -119,6 +119,7 @@ class Service:
             await bus.subscribe(self._control_filters() + devices + inputs + self._peer_filters())
             self._status.engine_ready = True
             await self._status.publish_status("ready")
+            await self._status.publish_discovery()
             self.ready.set()
             self._say(f"ready: projects {', '.join(self._projects)} on {_label(bus)}")
             self._loops.start("intake", self._intake(bus, intake))
@@ -189,6 +190,7 @@ class Service:
             state=store,
             sessions=self._sessions,
             budgets=self._admission.budgets,
+            quotas=self._admission.quotas,
             replier=replier,
             counters=self.counters,
             on_engine_death=self._engine_died,
@@ -196,6 +198,7 @@ class Service:
             priority_scheduling=self._cfg.model.scheduling_policy == "priority",
             hold_for_redelivery=self._grouped,
             devices=self._devices,
+            tally=self._status.tally,
         )
         self._takeover = self._make_takeover(store)
         return Intake(

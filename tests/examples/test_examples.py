@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ from support import ROOT, Mosquitto, free_port, until, wait_port, wait_ready, wo
 from worker.client import Client
 from worker.config import BrokerConfig, WorkerConfig
 from worker.errors import TooLargeError
+from worker.fleet.reports import StatusReport
 from worker.projects import load_projects
 from worker.protocol import Topics
 from worker.protocol.encode import CLASSIC_ERROR_PREFIX
@@ -185,6 +187,22 @@ def test_the_home_assistant_package_asks_the_documented_topics():
     notices = [s for s in _steps(script["sequence"]) if s.get("action") == "persistent_notification.create"]
     assert any("wait.trigger.payload" in n["data"]["message"] for n in notices)  # the answer is shown
     assert any("Error: " in n["data"]["title"] for n in notices)  # and a refusal is told apart
+
+
+def test_the_home_assistant_automation_watches_the_documented_status_topic():
+    package = yaml.safe_load((EXAMPLES / "home-assistant" / "vllm_worker.yaml").read_text())
+    (automation,) = package["automation"]
+    (trigger,) = automation["triggers"]
+    assert trigger["topic"] == "vllm-worker/+/status"  # the retained status (docs/protocol.md section 6)
+    condition = automation["conditions"][0]["value_template"]
+    assert "'offline'" in condition
+    assert "trigger.payload != ''" in condition  # a retired worker's empty status is not "offline"
+    status = json.loads(
+        StatusReport(
+            state="offline", worker="w", projects=[], model="m", quantization="none", version="1", since="now"
+        ).to_json()
+    )
+    assert {"state", "worker", "model"} <= set(status)  # the fields the automation reads
 
 
 def _steps(sequence: list[dict]) -> list[dict]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -220,3 +221,78 @@ def test_the_playground_shows_device_tool_calls_as_they_happen(lab, screenshots)
     finally:
         robot.terminate()
         robot.wait(10)
+
+
+def test_the_usage_page_shows_tokens_per_project_and_the_top_clients(lab, screenshots):
+    """Without Redis the page reads the workers' telemetry: today's tokens per project, top clients."""
+
+    async def spend() -> None:
+        async with peer(lab["broker"].port, ["maze/response/usage-bot"], client_id="usage-peer", protocol="5") as p:
+            for n in range(5):
+                body = {
+                    "v": 2,
+                    "clientId": "usage-bot",
+                    "requestId": f"u{n}",
+                    "messages": [{"role": "user", "content": "hi"}],
+                }
+                await p.publish("maze/user_input", body)
+            await p.wait_for(lambda got: len(got) >= 5, timeout_s=30)
+
+    asyncio.run(spend())
+    driver, by = lab["driver"], _by()
+    driver.get(lab["url"] + "/usage")
+
+    def maze_tokens() -> int:
+        row = driver.find_element(by.CSS_SELECTOR, '#today tr[data-project="maze"]')
+        return int(row.find_elements(by.TAG_NAME, "td")[1].text.replace(",", ""))
+
+    assert wait(maze_tokens, timeout_s=20) > 0  # telemetry every second, the page every 5 s
+    client = wait(lambda: driver.find_element(by.CSS_SELECTOR, '#clients tr[data-client="usage-bot"]'), timeout_s=20)
+    cells = [td.text for td in client.find_elements(by.TAG_NAME, "td")]
+    assert cells[:2] == ["maze", "usage-bot"]
+    assert int(cells[2].replace(",", "")) > 0
+    assert driver.find_element(by.ID, "source").text == "from telemetry"
+    assert driver.find_element(by.ID, "chart-days").get_attribute("data-days") == "14"
+    assert driver.save_screenshot(str(screenshots / "console-usage.png"))
+
+
+def test_with_redis_the_usage_api_reads_the_fleet_counters(redis_server, tmp_path):
+    """`--state-url`: the page's data comes from the fleet's counters (14 days, today's clients)."""
+    broker = Mosquitto().start()
+    port = free_port()
+    env = {"VLLM_WORKER_STATE__URL": redis_server.url}
+    cmd = [sys.executable, "-m", "worker", "console", "--broker", broker.url, "--port", str(port)]
+    cmd += ["--state-url", redis_server.url]
+    try:
+        with worker_subprocess(broker.url, "usage-redis-0", ["maze"], **env):
+            asyncio.run(wait_ready(broker.port, "usage-redis-0"))
+
+            async def spend() -> None:
+                async with peer(broker.port, ["maze/response/lab-bot"], client_id="usage-peer", protocol="5") as p:
+                    body = {
+                        "v": 2,
+                        "clientId": "lab-bot",
+                        "requestId": "r1",
+                        "messages": [{"role": "user", "content": "hi"}],
+                    }
+                    await p.publish("maze/user_input", body)
+                    await p.wait_for(lambda got: len(got) >= 1, timeout_s=30)
+
+            asyncio.run(spend())
+            console = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_port(port, console, timeout_s=30)
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/usage", timeout=10) as response:
+                    usage = json.loads(response.read())
+            finally:
+                console.terminate()
+                console.wait(10)
+    finally:
+        broker.stop()
+    assert usage["source"] == "redis"
+    assert len(usage["days"]) == 14
+    (maze,) = usage["projects"]
+    assert maze["project"] == "maze"
+    assert maze["today"] > 0
+    assert maze["series"][-1] == maze["today"]
+    assert maze["top"] == [{"client": "lab-bot", "tokens": maze["today"]}]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worker.cli.terminal import EXIT_CONFIG, say
-from worker.config import ROOT, BrokerConfig
+from worker.config import ROOT, BrokerConfig, WorkerConfig
 from worker.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -163,7 +163,15 @@ def fleet(argv: Sequence[str]) -> int:
     p.add_argument("--wait", type=float, default=6.0, help="seconds to listen with --once (default 6)")
     p.add_argument("--prometheus", type=int, metavar="PORT", help="also serve /metrics on this port")
     p.add_argument("--prometheus-host", default="127.0.0.1")
-    return _run_tool(_fleet(p.parse_args(argv)))
+    p.add_argument("--retire", metavar="WORKER_ID", help="remove a worker for good: its status and HA sensors")
+    p.add_argument("--homeassistant-prefix", default="homeassistant", help="with --retire (default homeassistant)")
+    args = p.parse_args(argv)
+    if args.retire:
+        from worker.cli.retire import retire  # noqa: PLC0415
+
+        prefixes = {"topic_prefix": args.topic_prefix, "ha_prefix": args.homeassistant_prefix}
+        return _run_tool(retire(_broker(args.broker), args.retire, **prefixes))
+    return _run_tool(_fleet(args))
 
 
 async def _fleet(args: argparse.Namespace) -> int:
@@ -216,6 +224,13 @@ async def _fleet(args: argparse.Namespace) -> int:
             reader.result()
         reader.cancel()
     return 0
+
+
+def usage(argv: Sequence[str]) -> int:
+    """Tokens and requests per UTC day, project and client (`worker/cli/usage.py`)."""
+    from worker.cli import usage as usage_table  # noqa: PLC0415
+
+    return _run_tool(usage_table.main(argv))
 
 
 def plan(argv: Sequence[str]) -> int:
@@ -316,6 +331,11 @@ def console(argv: Sequence[str]) -> int:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--client-id", default=None, help="v2 clientId of the playground (default: as `ask`)")
     p.add_argument(
+        "--state-url",
+        default=os.environ.get("VLLM_WORKER_STATE__URL", "memory"),
+        help="the fleet's Redis, for the Usage page's 14 days per client (default: the workers' telemetry)",
+    )
+    p.add_argument(
         "--token",
         default=os.environ.get("VLLM_WORKER_CONSOLE_TOKEN"),
         help="required to open the console when not on loopback (default: a random one, printed)",
@@ -331,24 +351,35 @@ async def _console(args: argparse.Namespace) -> int:
     from worker.client import Client  # noqa: PLC0415
     from worker.console.samples import Samples  # noqa: PLC0415
     from worker.console.server import ConsoleApp  # noqa: PLC0415
+    from worker.console.usage import UsageView  # noqa: PLC0415
     from worker.fleet.view import FleetState  # noqa: PLC0415
+    from worker.state import open_state  # noqa: PLC0415
 
     loopback = args.host in {"localhost", "::1"} or args.host.startswith("127.")
     token = args.token or (None if loopback else secrets.token_urlsafe(18))
     broker = _broker(args.broker)
     fleet_state = FleetState(topic_prefix=args.topic_prefix)
     client_id = args.client_id or broker.username or _cli_identity()
-    async with Client(broker, client_id, args.topic_prefix, connection_id=f"console-{secrets.token_hex(4)}") as c:
+    cfg = WorkerConfig.model_validate({"state": {"url": args.state_url}, "worker": {"topic_prefix": args.topic_prefix}})
+    async with (
+        Client(broker, client_id, args.topic_prefix, connection_id=f"console-{secrets.token_hex(4)}") as c,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        state = None if args.state_url == "memory" else await stack.enter_async_context(open_state(cfg))
         await c.watch(fleet_state.filters, fleet_state.handle)
         hosts = {"127.0.0.1", "localhost", "::1"} if loopback else None
-        console_app = ConsoleApp(c, Samples(fleet_state), token=token, hosts=hosts)
+        usage = UsageView(fleet_state, state)
+        console_app = ConsoleApp(c, Samples(fleet_state), token=token, hosts=hosts, usage=usage)
         runner = web.AppRunner(console_app.app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, args.host, args.port).start()
         url = f"http://{'127.0.0.1' if loopback else args.host}:{args.port}/" + (f"?token={token}" if token else "")
         say(f"console on {url} (broker {args.broker})")
         try:
-            await console_app.run_sampler()  # runs until Ctrl-C; if it raises, the console exits loudly
+            async with asyncio.TaskGroup() as loops:  # run until Ctrl-C; if one raises, the console exits loudly
+                loops.create_task(console_app.run_sampler())
+                if state is not None:
+                    loops.create_task(state.monitor())  # probes Redis, so the page recovers with it
         finally:
             await runner.cleanup()
     return 1

@@ -22,7 +22,7 @@ from worker.engine.models import DEMO_DIR, check_model_dir, is_prepared, prepare
 from worker.errors import ConfigError
 from worker.transport import eventloop
 
-COMMANDS = ("serve", "ask", "model", "fleet", "console", "plan", "bench")
+COMMANDS = ("serve", "ask", "model", "fleet", "console", "plan", "bench", "usage")
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:  # noqa: ANN401
@@ -268,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "console": commands.console,
         "plan": commands.plan,
         "bench": commands.bench,
+        "usage": commands.usage,
     }
     return handlers[command](rest)
 

@@ -1,4 +1,4 @@
-"""The console's web server (aiohttp): pages, the fleet event stream and the playground API.
+"""The console's web server (aiohttp): pages, the fleet event stream, usage and the playground API.
 
 One MQTT connection (`Client`) carries both: the fleet's status/telemetry (watched) and the playground's
 v2 requests. The browser gets data, never markup: pages render every broker-sourced string as text.
@@ -30,6 +30,7 @@ from aiohttp import web
 
 from worker.client import Client
 from worker.console.samples import SAMPLE_S, Samples
+from worker.console.usage import UsageView
 from worker.protocol import is_valid_id
 
 log = structlog.get_logger(__name__)
@@ -54,9 +55,18 @@ class Stream:
 class ConsoleApp:
     """Routes and their state; `run_sampler` is the one background loop (supervised by the caller)."""
 
-    def __init__(self, client: Client, samples: Samples, *, token: str | None, hosts: set[str] | None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        samples: Samples,
+        *,
+        token: str | None,
+        hosts: set[str] | None,
+        usage: UsageView | None = None,
+    ) -> None:
         self._client = client
         self._samples = samples
+        self._usage = usage
         self._token = token
         self._hosts = hosts  # None: any Host (bound to a public address, the token guards it)
         self.streams: set[Stream] = set()
@@ -66,6 +76,8 @@ class ConsoleApp:
             [
                 web.get("/", self._page("fleet.html")),
                 web.get("/playground", self._page("playground.html")),
+                web.get("/usage", self._page("usage.html")),
+                web.get("/api/usage", self._usage_data),
                 web.get("/api/fleet/events", self._fleet_events),
                 web.get("/api/projects", self._projects),
                 web.post("/api/ask", self._ask),
@@ -129,6 +141,11 @@ class ConsoleApp:
             return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-store"})
 
         return page
+
+    async def _usage_data(self, _request: web.Request) -> web.StreamResponse:
+        if self._usage is None:
+            return web.json_response({"source": "none", "projects": [], "days": []})
+        return web.json_response(await self._usage.snapshot(), headers={"Cache-Control": "no-store"})
 
     async def _projects(self, _request: web.Request) -> web.StreamResponse:
         projects = [p for p in self._samples.projects() if is_valid_id(p)][:MAX_PROJECTS]

@@ -20,6 +20,7 @@ NAME_CHARS = 1024
 WORD_CHARS = 64
 MAX_ENTRIES = 256
 MAX_GPUS = 64
+MAX_CLIENTS = 16
 MAX_INT = 2**53
 Id = Annotated[str, Field(max_length=ID_CHARS)]
 """Worker ids and project names (a hostname is at most 253 characters)."""
@@ -101,6 +102,14 @@ class ProjectReport(_Wire):
     requests: Int = 0
     errors: Int = 0
     rejected: Int = 0
+    prompt_tokens: Int = 0
+    """Tokens this worker spent for the project since it started (`vllm-worker usage` without Redis)."""
+    completion_tokens: Int = 0
+    cached_tokens: Int = 0
+    tokens_today: Int = 0
+    """Prompt + completion tokens this worker spent for the project today (UTC)."""
+    top_clients: dict[Id, Int] = Field(default_factory=dict, max_length=MAX_CLIENTS)
+    """The clients that spent the most tokens (prompt + completion) here since start, at most 16."""
     sessions: Int | None = 0
     """Sessions this worker holds; null when they live in Redis (shared by the fleet)."""
 

@@ -20,8 +20,10 @@ from worker.config import WorkerConfig
 from worker.engine.adapters import AdapterTable
 from worker.engine.base import Engine
 from worker.errors import EngineDeadError
+from worker.fleet.homeassistant import discovery
 from worker.fleet.reports import ParallelReport, ProjectReport, State, StateReport, StatusReport, TelemetryReport
 from worker.fleet.telemetry import GpuProbe, collect_process, engine_report, process_tree_pids
+from worker.serving.accounting import ClientTally
 from worker.serving.sessions import SessionStore
 from worker.state import State as StateStore
 from worker.transport.bus import Bus
@@ -57,6 +59,8 @@ class StatusReporter:
         self.store: StateStore | None = None
         self.adapters: AdapterTable | None = None
         self.engine_ready = False
+        self.tally = ClientTally()
+        """Tokens per client since start, filled by the request path (`accounting`)."""
         self.affinity: Callable[[], bool] | None = None
         """Whether the worker invites sticky turns now (telemetry says so; None: not wired)."""
 
@@ -89,6 +93,25 @@ class StatusReporter:
             dtype_reason=self._engine.dtype_reason if self.engine_ready else "",
         ).to_json()
 
+    async def publish_discovery(self) -> None:
+        """Home Assistant discovery configs, retained (`worker.homeassistant_discovery`); see `homeassistant`."""
+        w = self._cfg.worker
+        if self.bus is None or not w.homeassistant_discovery:
+            return
+        configs = discovery(
+            worker_id=self.worker_id,
+            topic_prefix=w.topic_prefix,
+            ha_prefix=w.homeassistant_prefix,
+            projects=self._projects,
+            model=self._model_name(),
+        )
+        try:
+            async with asyncio.timeout(5):
+                for topic, payload in configs:
+                    await self.bus.publish(topic, payload, qos=1, retain=True)
+        except (TimeoutError, RuntimeError):
+            log.warning("homeassistant.not_published")
+
     async def publish_status(self, state: State) -> None:
         """Publish the status; a broker that is away for 5 s costs a warning, not the worker."""
         if self.bus is None:
@@ -110,6 +133,11 @@ class StatusReporter:
                 requests=self._counters[(name, "requests")],
                 errors=self._counters[(name, "errors")],
                 rejected=self._counters[(name, "rejected")],
+                prompt_tokens=self._counters[(name, "prompt_tokens")],
+                completion_tokens=self._counters[(name, "completion_tokens")],
+                cached_tokens=self._counters[(name, "cached_tokens")],
+                top_clients=self.tally.top(name),
+                tokens_today=self.tally.today(name),
                 sessions=self.sessions.count(name) if self.sessions else 0,
             )
             for name in self._projects

@@ -280,6 +280,14 @@ class PrometheusCollector:
         up = GaugeMetricFamily("vllm_worker:up", "1 when the worker's state is ready", labels=["worker", "state"])
         mem = GaugeMetricFamily("vllm_worker:gpu_memory_used_bytes", "GPU memory used", labels=["worker", "gpu"])
         total = CounterMetricFamily("vllm_worker:requests", "Requests accepted", labels=["worker", "project"])
+        tokens = CounterMetricFamily(
+            "vllm_worker:tokens", "Tokens spent since the worker started", labels=["worker", "project", "kind"]
+        )
+        by_client = CounterMetricFamily(
+            "vllm_worker:client_tokens",
+            "Prompt + completion tokens of a worker's top clients (at most 16 per project) since it started",
+            labels=["worker", "project", "client"],
+        )
         now = self._fleet.clock()
         for v in known:
             state = v.state(now, self._fleet.stale_after_s)
@@ -288,6 +296,10 @@ class PrometheusCollector:
                 mem.add_metric([v.worker, str(g.index)], float(g.mem_used_mib * 2**20))
             for project, counters in (v.telemetry.projects if v.telemetry else {}).items():
                 total.add_metric([v.worker, project], float(counters.requests))
+                for kind in ("prompt", "completion", "cached"):
+                    tokens.add_metric([v.worker, project, kind], float(getattr(counters, f"{kind}_tokens")))
+                for client, spent in counters.top_clients.items():
+                    by_client.add_metric([v.worker, project, client], float(spent))
         store = GaugeMetricFamily(
             "vllm_worker:state_healthy",
             "1 when the state backend (memory, redis) answers",
@@ -297,4 +309,4 @@ class PrometheusCollector:
             if v.telemetry is not None and v.telemetry.state is not None:
                 st = v.telemetry.state
                 store.add_metric([v.worker, st.backend], 1.0 if st.healthy else 0.0)
-        yield from (up, mem, total, store)
+        yield from (up, mem, total, tokens, by_client, store)

@@ -5,7 +5,8 @@ guaranteed `max_inflight // n_projects` slots, and may borrow free slots only wh
 other project its unused guarantee), then fairness inside a project (caps per session and per client,
 so one session's queued turns cannot starve the others). These are this worker's own resources, so they
 are decided here, synchronously. What a fleet shares (dedupe, the token buckets of `budgets`) is the
-state layer's (`worker.state`), taken at the start of the request path (`serve`).
+state layer's (`worker.state`), taken at the start of the request path (`serve`), with the daily
+quotas (`quotas`) in the same round trip.
 
 Validate first, mutate after: every check runs before anything is recorded, so a refused request
 takes no slot.
@@ -20,10 +21,8 @@ from worker.config import WorkerSection
 from worker.errors import OverloadedError, ShuttingDownError
 from worker.projects import Project
 from worker.protocol import FinalReply, Request
-from worker.state import Budget
-
-PROJECT_WIDE = "*"
-"""Bucket key of a project's aggregate budget (never a valid client id: ids have no `*`)."""
+from worker.state import Budget, Quota
+from worker.state.usage import PROJECT_WIDE
 
 
 class Admission:
@@ -54,7 +53,7 @@ class Admission:
         self._inflight[project] = self._inflight.get(project, 0) + 1
         if request.messages is None:
             self._per_session[request.session_key] += 1
-        self._per_client[_client_key(request)] += 1
+        self._per_client[client_key(request)] += 1
         self._running.add(request.dedupe_key)
 
     def _has_room(self, project: str) -> bool:
@@ -70,7 +69,7 @@ class Admission:
         """One session (stateful turns queue behind each other) or one client may hold only so many slots."""
         if request.messages is None and self._per_session[request.session_key] >= self._cfg.max_inflight_per_session:
             return False
-        return self._per_client[_client_key(request)] < self._cfg.max_inflight_per_client
+        return self._per_client[client_key(request)] < self._cfg.max_inflight_per_client
 
     def budgets(self, request: Request) -> list[Budget]:
         """The token buckets this request takes from: one per (project, client), one per project."""
@@ -80,9 +79,22 @@ class Admission:
             return []
         out = []
         if limit.requests_per_s is not None:
-            out.append(Budget((project, _client_key(request)[1]), limit.requests_per_s, limit.burst))
+            out.append(Budget((project, client_key(request)[1]), limit.requests_per_s, limit.burst))
         if limit.project_requests_per_s is not None:
             out.append(Budget((project, PROJECT_WIDE), limit.project_requests_per_s, limit.project_burst))
+        return out
+
+    def quotas(self, request: Request) -> list[Quota]:
+        """The daily budgets this request is checked against: its client's and its project's (`[quota]`)."""
+        project = request.route.project
+        if project not in self._projects:
+            return []
+        q = self._projects[project].quota
+        out = []
+        if q.client_tokens_per_day is not None or q.client_requests_per_day is not None:
+            out.append(Quota(client_key(request), q.client_tokens_per_day, q.client_requests_per_day))
+        if q.project_tokens_per_day is not None or q.project_requests_per_day is not None:
+            out.append(Quota((project, PROJECT_WIDE), q.project_tokens_per_day, q.project_requests_per_day))
         return out
 
     def release(self, request: Request, _final: FinalReply | None) -> None:
@@ -95,11 +107,14 @@ class Admission:
         self._inflight[project] = max(0, self._inflight.get(project, 0) - 1)
         if request.messages is None:
             _decrement(self._per_session, request.session_key)
-        _decrement(self._per_client, _client_key(request))
+        _decrement(self._per_client, client_key(request))
 
 
-def _client_key(request: Request) -> tuple[str, str]:
-    """(project, who): the v2 clientId, else the sessionId (classic clients have no other name)."""
+def client_key(request: Request) -> tuple[str, str]:
+    """(project, who): the v2 clientId, else the sessionId (classic clients have no other name).
+
+    Rate limits, quotas and usage counters all key a client this way.
+    """
     return request.route.project, request.route.client_id or request.route.session_id
 
 

@@ -34,12 +34,15 @@ async def generate(p: Pipeline, request: Request, prompt: Prompt, stream: Stream
     tools = request.tools if request.uses_tools else None
     held: list[str] = []
     parsed: Parsed | None = None
+    reached = False  # the engine answered: the prompt was prefilled and counts (`accounting`)
     try:
         deltas = p.engine.generate(prompt, sampling, request.request_id, priority, adapter, tools=tools)
         async for delta in deltas:
+            reached = True
             if first_token_at is None and delta.new_tokens:
                 first_token_at = time.monotonic()
             tokens += delta.new_tokens
+            stream.spent.completion_tokens += delta.new_tokens
             cached = max(cached, delta.cached_tokens)
             finish = delta.finish_reason or finish
             parsed = delta.parsed or parsed
@@ -48,6 +51,8 @@ async def generate(p: Pipeline, request: Request, prompt: Prompt, stream: Stream
             else:  # a call's markup is never shown: the parser splits the whole output at the end
                 held.append(delta.text)
     finally:
+        if reached:
+            stream.spent.generation(len(prompt.token_ids), cached)
         if (retired := p.adapters.release(adapter)) is not None:  # replaced, and this was its last request
             await _unload(p, retired)
     now = time.monotonic()

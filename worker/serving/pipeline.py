@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from worker.engine.adapters import AdapterTable
 from worker.engine.base import Engine
 from worker.protocol import Request
+from worker.serving.accounting import ClientTally
 from worker.serving.devices import DeviceTools
 from worker.serving.replies import Replier
 from worker.serving.sessions import SessionStore
-from worker.state import Budget, State
+from worker.state import Budget, Quota, State
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,8 @@ class Pipeline:
     sessions: SessionStore
     budgets: Callable[[Request], Sequence[Budget]]
     """The token buckets a request takes from (`Admission.budgets`)."""
+    quotas: Callable[[Request], Sequence[Quota]]
+    """The daily quotas a request is checked against (`Admission.quotas`)."""
     replier: Replier
     counters: Counter[tuple[str, str]]
     on_engine_death: Callable[[], None]
@@ -35,5 +38,7 @@ class Pipeline:
     """Pass the request's priority to the engine (else 0: fcfs)."""
     hold_for_redelivery: bool = False
     """Share group: a job stopped by the drain is left unacked for redelivery rather than answered."""
+    tally: ClientTally = field(default_factory=ClientTally)
+    """This worker's tokens per client since start (telemetry's top clients)."""
     devices: DeviceTools | None = None
     """The projects' device tools, run by this worker when the model calls them (`rounds`)."""

@@ -30,6 +30,7 @@ from worker.protocol import (
 )
 from worker.protocol.encode import ReasoningFilter
 from worker.protocol.tools import ToolCall
+from worker.serving.accounting import Spent
 
 log = structlog.get_logger(__name__)
 
@@ -122,6 +123,8 @@ class Stream:
         self._unsent = ""
         self._pending_tokens = 0
         self._last_flush = time.monotonic()
+        self.spent = Spent()
+        """What the request cost so far, and how it ended (`accounting`)."""
         self.before_final: BeforeFinal | None = None
         """Awaited with the final reply (and its error code, if any) just before it is published: `serve`
         caches it for the requestId first, so a copy arriving right after the reply finds it cached. False:

@@ -1,11 +1,12 @@
 """`serve(job)`: the request path, top to bottom, with one error mapping (DESIGN section 1).
 
-claim the requestId -> rate budgets -> session turn -> prompt (history, template, token trim) -> engine
--> stream chunks -> record the turn -> final reply -> cache it for the requestId. The first two and the
-history are fleet-wide state (`worker.state`). The deadline covers the whole path, waiting for the
-session's turn included. Whatever happens, the job ends with exactly one final reply, or deliberately
-none (a classic client's cancel, a job left for redelivery by the drain, a duplicate whose first copy
-another worker answered); cancellation is always re-raised.
+claim the requestId -> quotas and rate budgets -> session turn -> prompt (history, template, token
+trim) -> engine -> stream chunks -> record the turn -> final reply -> cache it for the requestId -> count
+what it spent. The first two, the history and the counts are fleet-wide state (`worker.state`). The
+deadline covers the whole path, waiting for the session's turn included. Whatever happens, the job
+ends with exactly one final reply, or deliberately none (a classic client's cancel, a job left for
+redelivery by the drain, a duplicate whose first copy another worker answered); cancellation is
+always re-raised.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from worker.errors import (
 )
 from worker.protocol import ChatMessage, Dialect, FinalReply, Request
 from worker.protocol.tools import ToolSet
+from worker.serving.accounting import REFUSALS, add_to, usage_of
 from worker.serving.generation import generate
 from worker.serving.jobs import Job
 from worker.serving.pipeline import Pipeline
@@ -47,6 +49,7 @@ TRANSIENT = {
     ErrorCode.SHUTTING_DOWN,
     ErrorCode.STATE_UNAVAILABLE,
     ErrorCode.ENGINE_ERROR,
+    ErrorCode.QUOTA_EXCEEDED,
 }
 """Errors a retry with the same requestId may get past: never cached as its final reply."""
 
@@ -63,6 +66,7 @@ async def serve(job: Job, p: Pipeline) -> None:
         outcome = await _answer(job, p, stream)
         if outcome is None:
             return
+        await _to_the_end(_count(p, request, stream, None))
         _sent(job, p, await _to_the_end(stream.finish(outcome)))  # recorded: only this answer may go out
         log.info(
             "request.done",
@@ -89,6 +93,8 @@ async def serve(job: Job, p: Pipeline) -> None:
         await _fail(job, stream, p, EngineError())
     finally:
         await _settle_claim(job, p)
+        if not stream.spent.counted:  # ended without a reply of its own (counts if it generated)
+            await _to_the_end(_count(p, request, stream, None, replied=False))
 
 
 async def _answer(job: Job, p: Pipeline, stream: Stream) -> Outcome | None:
@@ -103,7 +109,7 @@ async def _answer(job: Job, p: Pipeline, stream: Stream) -> Outcome | None:
         async with asyncio.timeout(_remaining_s(request)):
             if not await _claim(job, p, stream):
                 return None
-            await p.state.take(p.budgets(request))
+            await p.state.take(p.budgets(request), p.quotas(request))
             fence = await stack.enter_async_context(p.sessions.turn(request))
             request = with_device_tools(request, p.devices)
             prepared = await p.sessions.build_prompt(request)
@@ -282,10 +288,28 @@ async def _settle_claim(job: Job, p: Pipeline, final: FinalReply | None = None, 
 
 async def _fail(job: Job, stream: Stream, p: Pipeline, error: WorkerError) -> None:
     p.counters[(stream.route.project, "errors")] += 1
-    if error.code is ErrorCode.RATE_LIMITED:
+    if error.code in REFUSALS:
         p.counters[(stream.route.project, "rejected")] += 1
     log.info("request.failed_reply", project=stream.route.project, code=str(error.code))
+    await _to_the_end(_count(p, job.request, stream, error.code))
     _sent(job, p, await _to_the_end(stream.fail(error)))
+
+
+async def _count(
+    p: Pipeline, request: Request, stream: Stream, code: ErrorCode | None, *, replied: bool = True
+) -> None:
+    """Count what the request spent, once: fleet-wide (the state layer) and in this worker's telemetry.
+
+    Called just before its final reply goes out (`code`: that reply's error), or when it ends without one.
+    """
+    if stream.spent.counted:
+        return
+    stream.spent.counted = True
+    usage = usage_of(request, stream.spent, code, replied=replied)
+    if usage is not None:
+        add_to(p.counters, usage)
+        p.tally.add(usage)
+        await p.state.record_usage(usage)
 
 
 def _remaining_s(request: Request) -> float | None:

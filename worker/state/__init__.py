@@ -1,12 +1,27 @@
-"""Request state that must hold across a fleet and restarts: sessions, dedupe, rate limits (see `base`)."""
+"""Request state that must hold across a fleet and restarts: sessions, dedupe, rate limits, usage (see `base`)."""
 
 from __future__ import annotations
 
 from worker.config import WorkerConfig
 from worker.state.base import Budget, Claim, Claimed, History, State, StateHealth, Turn
 from worker.state.memory import MemoryLimits, MemoryState
+from worker.state.usage import Counts, Quota, Usage, UsageRow
 
-__all__ = ["Budget", "Claim", "Claimed", "History", "MemoryState", "State", "StateHealth", "Turn", "open_state"]
+__all__ = [
+    "Budget",
+    "Claim",
+    "Claimed",
+    "Counts",
+    "History",
+    "MemoryState",
+    "Quota",
+    "State",
+    "StateHealth",
+    "Turn",
+    "Usage",
+    "UsageRow",
+    "open_state",
+]
 
 
 def open_state(cfg: WorkerConfig) -> State:
@@ -17,6 +32,8 @@ def open_state(cfg: WorkerConfig) -> State:
         dedupe_window_s=cfg.worker.dedupe_window_s,
         dedupe_max_entries=cfg.worker.dedupe_max_entries,
         dedupe_max_bytes=cfg.worker.dedupe_max_bytes,
+        usage_max_clients=cfg.state.usage_max_clients,
+        usage_retention_days=cfg.state.usage_retention_days,
     )
     url = cfg.state.url.get_secret_value()
     if url == "memory":

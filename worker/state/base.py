@@ -1,7 +1,8 @@
-"""The state layer's one interface: sessions, dedupe and rate limits (DESIGN section 5).
+"""The state layer's one interface: sessions, dedupe, rate limits, usage and quotas (DESIGN section 5).
 
 A worker keeps per-request state that must hold across a fleet and across restarts: chat history,
-requestIds already answered, rate-limit budgets. `State` is that state behind one small interface, so
+requestIds already answered, rate-limit budgets, what each project and client spent. `State` is that
+state behind one small interface, so
 the request path (`serve`) does not know where it lives: `memory` (one process, the default) or
 `redis://` (shared by every worker of a share group; see `state/redis.py`).
 
@@ -19,6 +20,7 @@ from typing import Protocol, Self
 
 from worker.protocol import FinalReply
 from worker.protocol.tools import ToolCall, ToolResult
+from worker.state.usage import Quota, Usage, UsageRow
 
 SessionKey = tuple[str, str, str]
 """(project, owner, sessionId): see `Request.session_key`."""
@@ -155,8 +157,24 @@ class State(Protocol):
         ...
 
     # ---- rate limits -----------------------------------------------------------------------------------
-    async def take(self, budgets: Sequence[Budget]) -> None:
-        """Take one token from every bucket, or none: raises `RateLimitedError` (with retry-after)."""
+    async def take(self, budgets: Sequence[Budget], quotas: Sequence[Quota] = ()) -> None:
+        """Check the daily quotas, then take one token from every bucket, or none.
+
+        Raises `QuotaExceededError` (retry at the next UTC midnight) or `RateLimitedError` (with retry-after).
+        """
+        ...
+
+    # ---- usage -----------------------------------------------------------------------------------------
+    async def record_usage(self, usage: Usage) -> None:
+        """Count one finished request for today; never raises.
+
+        Returns once counted, or once queued while the backend is down or slow (then it is sent when it
+        answers, exactly once).
+        """
+        ...
+
+    async def usage_rows(self, days: int, project: str | None = None, client: str | None = None) -> list[UsageRow]:
+        """The counters of the last `days` UTC days and the running totals (`vllm-worker usage`)."""
         ...
 
     # ---- health ----------------------------------------------------------------------------------------

@@ -3,10 +3,11 @@
 Sessions are LRU-capped (`max_sessions`) and forgotten after `idle_ttl_s`; answered requestIds are
 remembered for `dedupe_window_s`, at most `dedupe_max_entries` of them holding at most `dedupe_max_bytes`
 (a cached reply carries the client's correlation data, so a count alone would not bound memory); token
-buckets are LRU-capped. A request still running holds a claim that no bound evicts (admission bounds how
-many run). Everything is lost when the process ends: a fleet or a restart that must keep conversations
-uses `redis://` (see `state/redis_backend.py`). A holder cannot die without this memory dying with it, so
-locks and claims need no lease here.
+buckets are LRU-capped; usage counters keep `usage_max_clients` clients per project and day for
+`usage_retention_days` days (`state/usage.py`). A request still running holds a claim that no bound
+evicts (admission bounds how many run). Everything is lost when the process ends: a fleet or a
+restart that must keep conversations uses `redis://` (see `state/redis_backend.py`). A holder cannot
+die without this memory dying with it, so locks and claims need no lease here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Self
 from worker.errors import RateLimitedError
 from worker.protocol import FinalReply
 from worker.state.base import Budget, Claim, Claimed, DedupeKey, Fence, History, SessionKey, StateHealth, Turn
+from worker.state.usage import Quota, Usage, UsageBook, UsageRow
 
 MAX_BUCKETS = 10_000
 MAX_TURNS = 1_000
@@ -39,6 +41,8 @@ class MemoryLimits:
     dedupe_window_s: float = 600.0
     dedupe_max_entries: int = 10_000
     dedupe_max_bytes: int = 64 * 1024 * 1024
+    usage_max_clients: int = 1_000
+    usage_retention_days: int = 35
 
 
 @dataclass(slots=True)
@@ -67,9 +71,16 @@ class MemoryState:
 
     backend = "memory"
 
-    def __init__(self, limits: MemoryLimits | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        self._limits = limits or MemoryLimits()
+    def __init__(
+        self,
+        limits: MemoryLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] | None = None,
+    ) -> None:
+        self._limits = limits = limits or MemoryLimits()
         self._clock = clock
+        self.usage = UsageBook(limits.usage_max_clients, limits.usage_retention_days, wall)
+        """Usage counters and quotas by the UTC day of `wall` (default `usage.wall_clock`)."""
         self._sessions: OrderedDict[SessionKey, _Session] = OrderedDict()
         self._locks: dict[SessionKey, _TurnLock] = {}
         self._running: set[DedupeKey] = set()  # claimed, not yet answered: never evicted
@@ -204,8 +215,9 @@ class MemoryState:
             self._done_bytes -= cached.size
 
     # ---- rate limits -----------------------------------------------------------------------------------
-    async def take(self, budgets: Sequence[Budget]) -> None:
-        """See `State.take`: every bucket is checked before any is spent."""
+    async def take(self, budgets: Sequence[Budget], quotas: Sequence[Quota] = ()) -> None:
+        """See `State.take`: quotas first, then every bucket is checked before any is spent."""
+        self.usage.check(quotas)
         now = self._clock()
         levels = [self._level(b, now) for b in budgets]
         for budget, level in zip(budgets, levels, strict=True):
@@ -223,6 +235,15 @@ class MemoryState:
             return float(budget.burst)
         tokens, stamp = bucket
         return min(float(budget.burst), tokens + (now - stamp) * budget.rate_per_s)
+
+    # ---- usage -----------------------------------------------------------------------------------------
+    async def record_usage(self, usage: Usage) -> None:
+        """See `State.record_usage`."""
+        self.usage.add(usage)
+
+    async def usage_rows(self, days: int, project: str | None = None, client: str | None = None) -> list[UsageRow]:
+        """See `State.usage_rows`: this process' counters (since it started)."""
+        return self.usage.rows(days, project, client)
 
     # ---- health ----------------------------------------------------------------------------------------
     def health(self) -> StateHealth:

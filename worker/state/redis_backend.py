@@ -33,10 +33,13 @@ from worker.state.base import Budget, Claim, Claimed, DedupeKey, Fence, History,
 from worker.state.codec import decode_final, decode_turn, encode_final, encode_turn, redact
 from worker.state.memory import MAX_TURNS, MemoryLimits, MemoryState
 from worker.state.redis_link import RECORD_ATTEMPTS, RedisLink
+from worker.state.redis_usage import RedisUsage
+from worker.state.usage import Quota, Usage, UsageRow, quota_error
 
 log = structlog.get_logger(__name__)
 FENCED, EXPIRED = -2, -3  # APPEND's refusals: the lock passed to another worker; the attempt came too late
 CLOCK_MARGIN_S = 0.05
+RATE_LIMITED, QUOTA_EXCEEDED = 1, 2  # TAKE's refusals
 
 
 class RedisState:
@@ -57,7 +60,10 @@ class RedisState:
         self._ns = namespace
         self._limits = limits
         self._link = RedisLink(url, lease_s=lease_s, op_timeout_s=op_timeout_s)
-        self._local = MemoryState(limits)  # dedupe + rate limits while Redis is unreachable
+        self._local = MemoryState(limits)  # dedupe, rate limits, quotas (this worker's counts) while Redis is down
+        self.usage = RedisUsage(
+            self._link, namespace, max_clients=limits.usage_max_clients, retention_days=limits.usage_retention_days
+        )
         self._local_claims: set[DedupeKey] = set()
         self._incarnation = uuid.uuid4().hex[:16]
         self._seq = itertools.count()
@@ -80,6 +86,7 @@ class RedisState:
         self._complete, self._abandon, self._take = map(
             r.register_script, (scripts.COMPLETE, scripts.ABANDON, scripts.TAKE)
         )
+        self.usage.open()
         if not up:
             log.warning("state.start_degraded", url=redact(self._url), action="stateful requests get state_unavailable")
         return self
@@ -87,6 +94,7 @@ class RedisState:
     async def __aexit__(self, *exc: object) -> None:
         for task in list(self._releases):
             task.cancel()
+        await self.usage.drain(timeout_s=2 * self._link.op_timeout_s)
         await self._link.close()
 
     def _token(self) -> str:
@@ -279,19 +287,41 @@ class RedisState:
         return verdict is None or bool(int(verdict))
 
     # ---- rate limits -----------------------------------------------------------------------------------
-    async def take(self, budgets: Sequence[Budget]) -> None:
-        """See `State.take`: one script for all buckets, on the server's clock; local buckets while down."""
-        if not budgets:
+    async def take(self, budgets: Sequence[Budget], quotas: Sequence[Quota] = ()) -> None:
+        """See `State.take`: one script for quotas and buckets, on the server's clock; this worker's while down."""
+        if not budgets and not quotas:
             return
         keys = [f"{self._ns}{b.key[0]}/b/{b.key[1]}" for b in budgets]
-        args: list[str | int] = [x for b in budgets for x in (repr(float(b.rate_per_s)), b.burst)]
+        args: list[str | int] = [self._ns, self._limits.usage_max_clients, len(quotas)]
+        for q in quotas:
+            args += [q.key[0], q.key[1], _limit(q.tokens), _limit(q.requests)]
+        args += [x for b in budgets for x in (repr(float(b.rate_per_s)), b.burst)]
         try:
-            retry_ms = await self._link.call(lambda: self._take(keys=keys, args=args))
+            verdict = await self._link.call(lambda: self._take(keys=keys, args=args))
         except StateUnavailableError:
-            await self._local.take(budgets)
+            await self._local.take(budgets, quotas)
             return
-        if int(retry_ms) > 0:
-            raise RateLimitedError(retry_after_ms=int(retry_ms))
+        kind = int(verdict[0])
+        if kind == RATE_LIMITED:
+            raise RateLimitedError(retry_after_ms=int(verdict[1]))
+        if kind == QUOTA_EXCEEDED:
+            raise quota_error(quotas[int(verdict[2]) - 1], int(verdict[1]))
+
+    # ---- usage -----------------------------------------------------------------------------------------
+    async def record_usage(self, usage: Usage) -> None:
+        """See `State.record_usage`: sent by `RedisUsage`, waited for up to an op timeout while Redis answers.
+
+        This worker's own book counts it too (the quotas while Redis is down).
+        """
+        await self._local.record_usage(usage)
+        sent = self.usage.add(usage)
+        if self._link.healthy:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(sent), self._link.op_timeout_s)
+
+    async def usage_rows(self, days: int, project: str | None = None, client: str | None = None) -> list[UsageRow]:
+        """See `State.usage_rows`: the fleet's counters."""
+        return await self.usage.rows(days, project, client)
 
     # ---- health ----------------------------------------------------------------------------------------
     def health(self) -> StateHealth:
@@ -299,5 +329,11 @@ class RedisState:
         return self._link.health(self.backend)
 
     async def monitor(self) -> None:
-        """See `State.monitor`: the link renews our leases and probes Redis."""
-        await self._link.monitor()
+        """See `State.monitor`: the link renews our leases and probes Redis; the usage queue is sent."""
+        async with asyncio.TaskGroup() as group:  # either loop ending ends both: the caller supervises
+            group.create_task(self._link.monitor())
+            group.create_task(self.usage.run())
+
+
+def _limit(value: int | None) -> int:
+    return -1 if value is None else value

@@ -236,24 +236,112 @@ if v then return 0 end
 return 1
 """
 
-# Token buckets: every bucket is checked before any is spent (a refused request takes nothing).
-TAKE = """
--- KEYS buckets; ARGV rate_per_s, burst per bucket -> 0 taken, else retry-after in ms
+# The UTC day of a time on the server's clock, `YYYY-MM-DD` (days from civil, H. Hinnant): usage counters and
+# daily quotas turn over at the server's midnight, whatever the workers' clocks say.
+_UTC_DAY = """
+local function utc_day(secs)
+  local z = math.floor(secs / 86400) + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return string.format('%04d-%02d-%02d', y, m, d)
+end
+local function counted_as(clients, client, max_clients)
+  if client == '*' or redis.call('SISMEMBER', clients, client) == 1 then return client end
+  if redis.call('SCARD', clients) >= max_clients then return '(other)' end
+  return client
+end
+"""
+
+# Quotas, then token buckets: every quota and bucket is checked before any bucket is spent (a refused
+# request takes nothing). A quota reads today's counters of its client (or `*`, the project's own).
+TAKE = (
+    _UTC_DAY
+    + """
+-- KEYS buckets; ARGV[1] key prefix, ARGV[2] max clients per day, ARGV[3] number of quotas q, then per quota
+-- project, client, token limit, request limit (-1: none); then rate_per_s, burst per bucket
+-- -> {0} taken, {1, retry ms} rate limited, {2, ms to the server's midnight, quota number} quota used up
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ns, max_clients, q = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local day = utc_day(math.floor(now))
+for i = 1, q do
+  local o = 4 + (i - 1) * 4
+  local base = ns .. ARGV[o] .. '/u/' .. day
+  local who = counted_as(base .. '/clients', ARGV[o + 1], max_clients)
+  local c = redis.call('HMGET', base .. '/c/' .. who, 'prompt_tokens', 'completion_tokens', 'requests')
+  local tokens = (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0)
+  local tlim, rlim = tonumber(ARGV[o + 2]), tonumber(ARGV[o + 3])
+  if (tlim >= 0 and tokens >= tlim) or (rlim >= 0 and (tonumber(c[3]) or 0) >= rlim) then
+    return {2, math.ceil((86400 - now % 86400) * 1000), i}
+  end
+end
+local first = 4 + q * 4
 local levels = {}
 for i, key in ipairs(KEYS) do
-  local rate, burst = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local rate, burst = tonumber(ARGV[first + 2 * i - 2]), tonumber(ARGV[first + 2 * i - 1])
   local b = redis.call('HMGET', key, 'tokens', 'stamp')
   local level = burst
   if b[1] and b[2] then level = math.min(burst, tonumber(b[1]) + (now - tonumber(b[2])) * rate) end
-  if level < 1 then return math.ceil((1 - level) / rate * 1000) end
+  if level < 1 then return {1, math.ceil((1 - level) / rate * 1000)} end
   levels[i] = level
 end
 for i, key in ipairs(KEYS) do
-  local rate, burst = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local rate, burst = tonumber(ARGV[first + 2 * i - 2]), tonumber(ARGV[first + 2 * i - 1])
   redis.call('HSET', key, 'tokens', tostring(levels[i] - 1), 'stamp', tostring(now))
   redis.call('PEXPIRE', key, math.ceil(burst / rate * 1000) + 1000)
 end
-return 0
+return {0}
 """
+)
+
+# Usage counters: a batch of finished requests, each counted for its day (the server's day of "now minus its
+# age") and the running total, under its client (or `(other)` past max clients) and `*` (the project's own).
+# A worker's batches carry consecutive sequence numbers; one already applied (a retry after a timeout whose
+# first attempt landed) is skipped, so every count is applied exactly once.
+USAGE_ADD = (
+    _UTC_DAY
+    + """
+-- ARGV: key prefix, worker incarnation, last seq of the batch, retention ms, max clients, n, then per entry
+-- project, client, age ms, requests, prompt_tokens, completion_tokens, cached_tokens, errors, refused
+-- -> entries applied
+local ns, last = ARGV[1], tonumber(ARGV[3])
+local retention, max_clients, n = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local fields = {'requests', 'prompt_tokens', 'completion_tokens', 'cached_tokens', 'errors', 'refused'}
+local seqkey = ns .. 'u/seq/' .. ARGV[2]
+local hwm = tonumber(redis.call('GET', seqkey) or '-1')
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local applied = 0
+for i = 0, n - 1 do
+  if last - n + 1 + i > hwm then
+    local o = 7 + i * 9
+    local day = utc_day(math.floor((now - tonumber(ARGV[o + 2])) / 1000))
+    for _, scope in ipairs({day, 'total'}) do
+      local base = ns .. ARGV[o] .. '/u/' .. scope
+      local who = counted_as(base .. '/clients', ARGV[o + 1], max_clients)
+      if who ~= '(other)' then redis.call('SADD', base .. '/clients', who) end
+      redis.call('PEXPIRE', base .. '/clients', retention)
+      for _, key in ipairs({who, '*'}) do
+        local h = base .. '/c/' .. key
+        for f = 1, 6 do
+          local v = tonumber(ARGV[o + 2 + f])
+          if v ~= 0 then redis.call('HINCRBY', h, fields[f], v) end
+        end
+        redis.call('HINCRBY', h, 'requests', 0)
+        redis.call('PEXPIRE', h, retention)
+      end
+    end
+    applied = applied + 1
+  end
+end
+redis.call('SET', seqkey, tostring(math.max(hwm, last)), 'PX', retention)
+return applied
+"""
+)
