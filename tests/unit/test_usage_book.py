@@ -105,9 +105,9 @@ def test_a_client_quota_admits_until_crossed_then_refuses_until_midnight():
 
     async def scenario() -> None:
         await state.take([], [quota])
-        await state.record_usage(spent("maze", "robot", 60, 30))  # 90: still under
+        state.record_usage(spent("maze", "robot", 60, 30))  # 90: still under
         await state.take([], [quota])
-        await state.record_usage(spent("maze", "robot", 10, 5))  # 105: crossed
+        state.record_usage(spent("maze", "robot", 10, 5))  # 105: crossed
         with pytest.raises(QuotaExceededError) as refused:
             await state.take([], [quota])
         assert refused.value.retry_after_ms == 12 * 3600 * 1000
@@ -125,7 +125,7 @@ def test_a_project_quota_holds_across_clients():
     async def scenario() -> None:
         for client in ("a", "b", "c"):  # 20 tokens each: 60 after the third
             await state.take([], [whole])
-            await state.record_usage(spent("maze", client, 10, 10))
+            state.record_usage(spent("maze", client, 10, 10))
         with pytest.raises(QuotaExceededError, match="project"):
             await state.take([], [whole])
         with pytest.raises(QuotaExceededError, match="project"):
@@ -139,11 +139,11 @@ def test_a_request_quota_counts_requests_that_ran_not_refusals():
     per_client = Quota(("maze", "a"), requests=2)
 
     async def scenario() -> None:
-        await state.record_usage(spent("maze", "a"))
+        state.record_usage(spent("maze", "a"))
         await state.take([], [per_client])
-        await state.record_usage(Usage("maze", "a", Counts(refused=1)))
+        state.record_usage(Usage("maze", "a", Counts(refused=1)))
         await state.take([], [per_client])  # a refusal does not use the request budget
-        await state.record_usage(spent("maze", "a"))
+        state.record_usage(spent("maze", "a"))
         with pytest.raises(QuotaExceededError, match="client"):
             await state.take([], [per_client])
 

@@ -66,7 +66,7 @@ async def serve(job: Job, p: Pipeline) -> None:
         outcome = await _answer(job, p, stream)
         if outcome is None:
             return
-        await _to_the_end(_count(p, request, stream, None))
+        await _count(p, request, stream, None)
         _sent(job, p, await _to_the_end(stream.finish(outcome)))  # recorded: only this answer may go out
         log.info(
             "request.done",
@@ -94,7 +94,7 @@ async def serve(job: Job, p: Pipeline) -> None:
     finally:
         await _settle_claim(job, p)
         if not stream.spent.counted:  # ended without a reply of its own (counts if it generated)
-            await _to_the_end(_count(p, request, stream, None, replied=False))
+            await _count(p, request, stream, None, replied=False)
 
 
 async def _answer(job: Job, p: Pipeline, stream: Stream) -> Outcome | None:
@@ -291,7 +291,7 @@ async def _fail(job: Job, stream: Stream, p: Pipeline, error: WorkerError) -> No
     if error.code in REFUSALS:
         p.counters[(stream.route.project, "rejected")] += 1
     log.info("request.failed_reply", project=stream.route.project, code=str(error.code))
-    await _to_the_end(_count(p, job.request, stream, error.code))
+    await _count(p, job.request, stream, error.code)
     _sent(job, p, await _to_the_end(stream.fail(error)))
 
 
@@ -309,7 +309,8 @@ async def _count(
     if usage is not None:
         add_to(p.counters, usage)
         p.tally.add(usage)
-        await p.state.record_usage(usage)
+        if (sending := p.state.record_usage(usage)) is not None:  # the shared backend: bounded, to its end
+            await _to_the_end(sending)
 
 
 def _remaining_s(request: Request) -> float | None:

@@ -12,7 +12,7 @@ Every method is a bounded operation: a backend that cannot answer raises `StateU
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import Enum
@@ -165,10 +165,11 @@ class State(Protocol):
         ...
 
     # ---- usage -----------------------------------------------------------------------------------------
-    async def record_usage(self, usage: Usage) -> None:
+    def record_usage(self, usage: Usage) -> Awaitable[None] | None:
         """Count one finished request for today; never raises.
 
-        Returns once counted, or once queued while the backend is down or slow (then it is sent when it
+        None: counted. Else await the result (bounded, never raises): it ends once the count is in the
+        shared backend, or once that is down or slow (the count then stays queued and is sent when it
         answers, exactly once).
         """
         ...

@@ -237,8 +237,8 @@ class MemoryState:
         return min(float(budget.burst), tokens + (now - stamp) * budget.rate_per_s)
 
     # ---- usage -----------------------------------------------------------------------------------------
-    async def record_usage(self, usage: Usage) -> None:
-        """See `State.record_usage`."""
+    def record_usage(self, usage: Usage) -> None:
+        """See `State.record_usage`: counted at once."""
         self.usage.add(usage)
 
     async def usage_rows(self, days: int, project: str | None = None, client: str | None = None) -> list[UsageRow]:

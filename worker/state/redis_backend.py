@@ -20,7 +20,7 @@ import functools
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Self
 
 import redis.asyncio as aioredis
@@ -308,16 +308,18 @@ class RedisState:
             raise quota_error(quotas[int(verdict[2]) - 1], int(verdict[1]))
 
     # ---- usage -----------------------------------------------------------------------------------------
-    async def record_usage(self, usage: Usage) -> None:
+    def record_usage(self, usage: Usage) -> Awaitable[None] | None:
         """See `State.record_usage`: sent by `RedisUsage`, waited for up to an op timeout while Redis answers.
 
         This worker's own book counts it too (the quotas while Redis is down).
         """
-        await self._local.record_usage(usage)
+        self._local.record_usage(usage)
         sent = self.usage.add(usage)
-        if self._link.healthy:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(sent), self._link.op_timeout_s)
+        return self._until_sent(sent) if self._link.healthy and not sent.done() else None
+
+    async def _until_sent(self, sent: asyncio.Future[None]) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(sent), self._link.op_timeout_s)
 
     async def usage_rows(self, days: int, project: str | None = None, client: str | None = None) -> list[UsageRow]:
         """See `State.usage_rows`: the fleet's counters."""

@@ -13,6 +13,7 @@ already running finish and are counted, so a budget can be overshot by what was 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -97,7 +98,13 @@ def wall_clock() -> float:
 
 def utc_day(epoch_s: float) -> str:
     """The UTC day of a time, `YYYY-MM-DD` (the key counters are kept under)."""
-    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%d")
+    return _day_name(int(epoch_s // DAY_S))
+
+
+@functools.lru_cache(maxsize=64)
+def _day_name(day_number: int) -> str:
+    """Formatting a date costs microseconds, and every request needs today's: one per day."""
+    return datetime.fromtimestamp(day_number * DAY_S, UTC).strftime("%Y-%m-%d")
 
 
 def ms_to_midnight(epoch_s: float) -> int:
@@ -119,6 +126,7 @@ class UsageBook:
         self._retention_days = retention_days
         self._clock = clock or (lambda: wall_clock())  # noqa: PLW0108 - looked up per call: tests replace it
         self._days: dict[tuple[str, str], dict[str, Counts]] = {}
+        self._pruned_on = ""
 
     def add(self, usage: Usage, day: str | None = None) -> None:
         """Count one request (today by this process' clock unless `day` says)."""
@@ -160,6 +168,11 @@ class UsageBook:
         )
 
     def _forget_old(self) -> None:
+        """Drop the days past the retention (once a day: the first count of a new day)."""
+        today = utc_day(self._clock())
+        if today == self._pruned_on:
+            return
+        self._pruned_on = today
         keep = set(last_days(self._clock(), self._retention_days)) | {TOTAL}
         for key in [k for k in self._days if k[1] not in keep]:
             del self._days[key]
