@@ -1,12 +1,17 @@
 """Session affinity on real engines: does turn N find turn N-1's KV cache? (issue 30)
 
     .venv/bin/python benchmarks/affinity.py [--sessions 24] [--turns 8] [--arms sticky,shared]
+                                            [--think-s 0] [--block-size N]
 
 Two real-engine workers (demo model) on Mosquitto + Redis in one share group; on a 2-core machine each
 is pinned to its own core (`taskset`, `VLLM_ENABLE_V1_MULTIPROCESSING=0`, one OpenMP thread). N sessions
 of M turns each, a ~300-token system prompt and a growing history, run concurrently (one turn in flight
 per session). Arm "sticky": the Python client with affinity; arm "shared": without (every turn through
 the share group). Both arms run in one invocation, against the same workers, with fresh session ids.
+`--think-s S`: each turn waits a seeded random think time (exponential, mean S) before it is sent, as a
+person or a robot between turns (without it, every session sends its next turn the moment its answer
+arrives, and each worker's sessions move in lockstep waves). `--block-size N`: the engines' KV-cache block
+size (`model.block_size`; vLLM's CPU default 128 caches a conversation only in whole 128-token blocks).
 Reports for turns 4..M: cachedTokens/promptTokens per request, TTFT p50/p99 (the worker's own timing),
 and overall requests/s and requests served per worker.
 """
@@ -18,6 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import random
 import statistics
 import sys
 import time
@@ -48,7 +54,7 @@ SYSTEM = (
 
 
 @contextlib.contextmanager
-def workers(broker_port: int, redis_url: str, cores: list[int]) -> Iterator[None]:
+def workers(broker_port: int, redis_url: str, cores: list[int], block_size: int | None) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         for i, core in enumerate(cores):
             env = {
@@ -58,6 +64,7 @@ def workers(broker_port: int, redis_url: str, cores: list[int]) -> Iterator[None
                 "VLLM_WORKER_STATE__URL": redis_url,
                 "VLLM_WORKER_LOG__LEVEL": "warning",
                 "VLLM_WORKER_WORKER__MAX_INFLIGHT": "1024",
+                **({"VLLM_WORKER_MODEL__BLOCK_SIZE": str(block_size)} if block_size else {}),
             }
             cmd = ["taskset", "-c", str(core), sys.executable, "-m", "worker", "--broker"]
             cmd += [f"mqtt://127.0.0.1:{broker_port}", "--worker-id", f"aff-{i}", "--projects", "general"]
@@ -66,8 +73,11 @@ def workers(broker_port: int, redis_url: str, cores: list[int]) -> Iterator[None
         yield
 
 
-async def conversation(c: Client, session: str, turns: int, out: list[dict]) -> None:
+async def conversation(c: Client, session: str, turns: int, out: list[dict], think_s: float) -> None:
+    rng = random.Random(session)  # noqa: S311 - a reproducible think time, not a secret
     for turn in range(1, turns + 1):
+        if think_s:
+            await asyncio.sleep(rng.expovariate(1 / think_s))
         reply = await c.ask(
             "general",
             # each conversation its own words: identical ones would share their cache across sessions
@@ -94,14 +104,14 @@ async def conversation(c: Client, session: str, turns: int, out: list[dict]) -> 
         )
 
 
-async def arm(port: int, name: str, sessions: int, turns: int) -> dict:
+async def arm(port: int, name: str, sessions: int, turns: int, think_s: float = 0.0) -> dict:
     out: list[dict] = []
     async with Client(
         BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), client_id=f"bench-{name}", affinity=name == "sticky"
     ) as c:
         await c.wait_for_worker("general", 600)
         started = time.perf_counter()
-        await asyncio.gather(*(conversation(c, f"{name}-{i}", turns, out) for i in range(sessions)))
+        await asyncio.gather(*(conversation(c, f"{name}-{i}", turns, out, think_s) for i in range(sessions)))
         wall = time.perf_counter() - started
     late = [r for r in out if r["turn"] >= 4 and r["ok"]]
     ratios = [r["cached"] / r["prompt"] for r in late if r["prompt"]]
@@ -129,13 +139,16 @@ async def arm(port: int, name: str, sessions: int, turns: int) -> dict:
 
 async def run(args: argparse.Namespace) -> None:
     cores = sorted(os.sched_getaffinity(0))[:2]
-    with mosquitto() as port, redis_server() as redis_url, workers(port, redis_url, cores):
+    with mosquitto() as port, redis_server() as redis_url, workers(port, redis_url, cores, args.block_size):
         await arm(port, "warmup", 4, 2)  # kernels, allocator, first prefix-cache blocks: paid by no arm
         names = args.arms.split(",") * args.rounds  # alternated: neither arm always runs first
-        results = [await arm(port, name, args.sessions, args.turns) for name in names]
+        results = [await arm(port, name, args.sessions, args.turns, args.think_s) for name in names]
     cpu = await asyncio.to_thread(Path("/proc/cpuinfo").read_text)
     print(f"machine: {len(os.sched_getaffinity(0))} cores, {'avx512_bf16' if 'avx512_bf16' in cpu else 'no bf16'}")
-    print(f"{args.sessions} sessions x {args.turns} turns, two workers pinned to cores {cores}; turns >= 4:")
+    print(
+        f"{args.sessions} sessions x {args.turns} turns, two workers pinned to cores {cores}, think time "
+        f"{args.think_s:g} s, block size {args.block_size or 'default'}; turns >= 4:"
+    )
     for r in results:
         mean_share = r["requests"] / max(1, len(r["per_worker"]))
         skew = max(r["per_worker"].values()) / mean_share if r["per_worker"] else 0
@@ -157,6 +170,8 @@ def main() -> int:
     p.add_argument("--turns", type=int, default=8)
     p.add_argument("--arms", default="sticky,shared")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--think-s", type=float, default=0.0, help="mean think time before each turn (exponential)")
+    p.add_argument("--block-size", type=int, default=None, help="the engines' KV-cache block size")
     asyncio.run(run(p.parse_args()))
     return 0
 

@@ -126,6 +126,9 @@ class ModelConfig(_Section):
     """vLLM's reasoning parser (`--reasoning-parser` names: deepseek_r1, qwen3, ...): reasoning is split off
     by it instead of the `<think>` filter, and a project that keeps reasoning gets it as v2 `reasoning`."""
     enable_prefix_caching: bool = True
+    block_size: int | None = Field(None, ge=1, le=1024)
+    """KV-cache block size in tokens; None: vLLM's (128 on CPU, 16 on most GPUs). The prefix cache reuses
+    whole blocks, so smaller blocks reuse more of a conversation (on CPU keep it a multiple of 32)."""
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     """"priority" lets a request's `priority` field (lower first) reorder the engine's waiting queue."""
     tensor_parallel_size: int = Field(1, ge=1, le=64)

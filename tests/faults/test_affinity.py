@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import signal
 from collections.abc import AsyncIterator
 
@@ -55,6 +56,25 @@ async def test_sticky_turns_land_on_their_worker_and_reuse_its_cache(mosquitto, 
         assert usage["cachedTokens"] >= 0.5 * usage["promptTokens"], usage
     assert replies[-1].text.endswith("turn 6")
     assert replies[-1].text.count("turn 1") == 1  # history holds each turn once
+
+
+async def test_streamed_turns_follow_the_invitation_too(mosquitto, redis_server):
+    """`Client.stream` (the console's playground uses it) sends a sticky session's turns to its worker."""
+
+    async def streamed(c: Client, n: int) -> list:
+        finals = []
+        for i in range(1, n + 1):
+            chunks = [ch async for ch in c.stream("maze", f"turn {i}", session="st", systemPrompt=SYSTEM)]
+            assert [ch.seq for ch in chunks] == list(range(1, len(chunks) + 1))  # no `accepted` (seq 0) shown
+            finals.append(chunks[-1].reply)
+        return finals
+
+    async with two_workers(mosquitto, redis_server), client(mosquitto.port) as sticky:
+        replies = await streamed(sticky, 5)
+    workers = [r.raw["worker"] for r in replies]
+    assert workers[1:] == [workers[0]] * 4
+    assert replies[-1].text.endswith("turn 5")
+    assert sticky.fallbacks == 0
 
 
 async def test_without_affinity_the_share_group_spreads_the_turns(mosquitto, redis_server):
@@ -151,3 +171,68 @@ async def test_a_long_sticky_answer_is_not_mistaken_for_silence(mosquitto, redis
     assert c.fallbacks == 0
     accepted = [b for b in bodies(p.received) if b.get("requestId") == "slow" and b.get("event") == "accepted"]
     assert [(b["seq"], b["worker"]) for b in accepted] == [(0, "solo")]
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+async def test_sticky_sessions_under_a_seeded_fault_schedule_lose_and_double_no_turn(mosquitto, redis_server, seed):
+    """Sticky workers paused (SIGSTOP: status still `ready`) or restarted at random while sessions talk:
+    every turn ends with one final reply, and each answer's history holds exactly the turns the client was
+    told succeeded, once each, in order."""
+    rng = random.Random(seed)  # noqa: S311 - a reproducible schedule, not a secret
+    env = {
+        "VLLM_WORKER_STATE__URL": redis_server.url,
+        "VLLM_WORKER_STATE__LEASE_S": "2",
+        "VLLM_WORKER_FAKE_SCRIPT": "history",
+        "VLLM_WORKER_FAKE_PREFIX_CACHE": "1",
+    }
+    stacks = {w: contextlib.ExitStack() for w in ("fa", "fb")}
+    procs = {w: stacks[w].enter_context(worker_subprocess(mosquitto.url, w, ["maze"], **env)) for w in stacks}
+    told_ok: dict[str, list[str]] = {}
+    try:
+        await wait_ready(mosquitto.port, *stacks)
+        async with (
+            client(mosquitto.port, affinity_timeout_s=1.0) as c,
+            peer(mosquitto.port, ["maze/response/app"]) as p,
+        ):
+
+            async def conversation(session: str) -> None:
+                told_ok[session] = []
+                for turn in range(1, 7):
+                    text = f"{session} turn {turn}"
+                    reply = await c.ask("maze", text, session=session, request_id=f"{session}-{turn}", timeout_s=20)
+                    if reply.ok:
+                        assert reply.text == "history: " + " | ".join([*told_ok[session], text])
+                        told_ok[session].append(text)
+                    else:
+                        assert reply.error_code in {"shutting_down", "state_unavailable", "overloaded"}, reply
+
+            async def faults() -> None:
+                for _ in range(5):
+                    await asyncio.sleep(rng.uniform(0.3, 1.2))
+                    victim = rng.choice(sorted(procs))
+                    if rng.random() < 0.6:
+                        procs[victim].send_signal(signal.SIGSTOP)
+                        await asyncio.sleep(rng.uniform(0.5, 2.5))
+                        procs[victim].send_signal(signal.SIGCONT)
+                    else:
+                        procs[victim].send_signal(signal.SIGTERM)
+                        await asyncio.to_thread(procs[victim].wait, 30)
+                        stacks[victim].close()
+                        stacks[victim] = contextlib.ExitStack()
+                        procs[victim] = stacks[victim].enter_context(
+                            worker_subprocess(mosquitto.url, victim, ["maze"], **env)
+                        )
+                        await wait_ready(mosquitto.port, victim)
+
+            await asyncio.gather(*(conversation(f"z{seed}-{i}") for i in range(4)), faults())
+            await asyncio.sleep(1)  # a late copy's final, if any, would arrive now
+        finals: dict[str, set[str]] = {}
+        for b in bodies(p.received):
+            if b.get("done"):
+                finals.setdefault(b["requestId"], set()).add(json.dumps(b, sort_keys=True))
+        assert len(finals) == 24  # every turn got a final reply...
+        assert all(len(v) == 1 for v in finals.values())  # ...one (a redelivered copy repeats it byte for byte)
+        assert sum(len(v) for v in told_ok.values()) >= 12  # the schedule left most turns answered
+    finally:
+        for stack in stacks.values():
+            stack.close()

@@ -107,6 +107,7 @@ async def test_render_and_count_tokens_agree(engine: Engine) -> None:
     count = await engine.count_tokens(text)
     prompt = await engine.render([ChatMessage("system", "Be brief."), ChatMessage("user", text)])
     assert await engine.count_tokens("") == 0
+    assert await engine.count_tokens(text, text) == 2 * count  # several texts: the sum, in one call
     assert 0 < count < len(prompt.token_ids)  # the template adds tokens around the text
     assert prompt == await engine.render([ChatMessage("system", "Be brief."), ChatMessage("user", text)])
     assert text in prompt.text

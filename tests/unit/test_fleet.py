@@ -1,3 +1,5 @@
+import json
+
 from prometheus_client import CollectorRegistry, generate_latest
 from rich.console import Console
 
@@ -42,7 +44,15 @@ def telemetry(worker: str, store: StateReport | None = None) -> bytes:
             )
         ],
         engine=EngineReport(running=3, waiting=1, kv_cache_usage=0.25, gen_tok_per_s=120, ttft_ms_p50=41),
-        projects={"maze": ProjectReport(requests=7)},
+        projects={
+            "maze": ProjectReport(
+                requests=7,
+                prompt_tokens=700,
+                completion_tokens=90,
+                cached_tokens=512,
+                top_clients={"robot-1": 600, "robot-2": 190},
+            )
+        },
         process=ProcessReport(rss_mib=900, uptime_s=60),
         state=store or StateReport(backend="redis", healthy=True, latency_ms=0.4),
     ).to_json()
@@ -110,6 +120,18 @@ def test_prometheus_exposition_uses_vllm_names_with_worker_label():
     assert 'vllm_worker:gpu_memory_used_bytes{gpu="0",worker="gpu-a-0"}' in text
     assert 'vllm_worker:requests_total{project="maze",worker="gpu-a-0"} 7.0' in text
     assert 'vllm_worker:state_healthy{backend="redis",worker="gpu-a-0"} 1.0' in text
+    assert 'vllm_worker:tokens_total{kind="prompt",project="maze",worker="gpu-a-0"} 700.0' in text
+    assert 'vllm_worker:tokens_total{kind="cached",project="maze",worker="gpu-a-0"} 512.0' in text
+    assert 'vllm_worker:client_tokens_total{client="robot-1",project="maze",worker="gpu-a-0"} 600.0' in text
+
+
+def test_a_report_with_more_top_clients_than_the_bound_is_refused():
+    flood = {f"c{i}": i for i in range(17)}  # telemetry carries at most 16: a hostile report cannot add labels
+    body = TelemetryReport.model_validate_json(telemetry("w"))
+    bad = body.model_dump(by_alias=True) | {"projects": {"maze": {"topClients": flood}}}
+    fleet = FleetState()
+    assert not fleet.handle("vllm-worker/w/telemetry", json.dumps(bad).encode())
+    assert fleet.handle("vllm-worker/w/telemetry", telemetry("w"))  # (the same report within bounds is read)
 
 
 def test_a_flood_of_worker_ids_is_bounded():

@@ -210,19 +210,29 @@ class Client:
     ) -> AsyncIterator[Chunk]:
         """Send a streaming request; yields chunks in `seq` order, the last one `done` with the reply.
 
-        `timeout_s` bounds the wait for each next message.
+        `timeout_s` bounds the wait for each next message. A session its last answer invited to a worker
+        goes there first, as with `ask` (the worker's `accepted` acknowledgement is not yielded).
         """
         request_id = request_id or uuid.uuid4().hex
         async with self._inbox(project, request_id) as inbox:
             payload = self._body(message, session, request_id, {**fields, "stream": True})
-            await self._bus.publish(self._topics.user_input(project), payload)
+            shared = self._topics.user_input(project)
+            direct = self._direct(project, session)
+            await self._bus.publish(direct or shared, payload)
+            first = True
             while True:
                 async with asyncio.timeout(timeout_s):
-                    body = await inbox.get()
+                    body = await (self._next(inbox, payload, shared if direct else None) if first else inbox.get())
+                first = False
+                if body.get("event") == "accepted" and not body.get("done"):
+                    continue  # the sticky worker took it: its chunks follow
                 done = bool(body.get("done"))
                 event: dict[str, Any] | None = {k: body[k] for k in EVENT_FIELDS if k in body} or None
                 seq, delta = int(body.get("seq", 0)), str(body.get("delta", ""))
-                yield Chunk(seq, delta, done, _reply(body) if done else None, event)
+                reply = _reply(body) if done else None
+                if reply is not None:
+                    await self._remember(project, session, reply)
+                yield Chunk(seq, delta, done, reply, event)
                 if done:
                     return
 

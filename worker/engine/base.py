@@ -114,8 +114,8 @@ class Engine(Protocol):
         """Apply the chat template (with the generation prompt and the tools offered) and tokenize."""
         ...
 
-    async def count_tokens(self, text: str) -> int:
-        """Tokens in `text` without any template."""
+    async def count_tokens(self, *texts: str) -> int:
+        """Tokens in the texts together, without any template (one call: one hop to the tokenizer)."""
         ...
 
     def generate(

@@ -182,9 +182,9 @@ class FakeEngine:
         count = sum(len(m.content.split()) + 2 + 2 * len(m.tool_calls) for m in messages) + 1
         return Prompt(tuple(messages), text, tuple(range(count + 2 * len(offered.splitlines()))))
 
-    async def count_tokens(self, text: str) -> int:
+    async def count_tokens(self, *texts: str) -> int:
         """Whitespace tokens."""
-        return len(text.split())
+        return sum(len(text.split()) for text in texts)
 
     async def load_adapter(self, adapter: Adapter) -> None:
         """Remember it (a request naming an adapter that is not loaded fails, as in vLLM)."""

@@ -125,7 +125,7 @@ class SessionStore:
             return
         user = request.message or ""
         texts = [user, answer, *(r.content for r in request.tool_results), *(c.arguments for c in calls)]
-        tokens = sum([await self._engine.count_tokens(text) for text in texts])
+        tokens = await self._engine.count_tokens(*texts)
         turn = Turn(user, answer, tokens, request.request_id, calls, request.tool_results)
         await self._state.append(request.session_key, turn, request.system_prompt, self._cfg.max_history_tokens, fence)
 
