@@ -186,20 +186,20 @@ async def test_sticky_sessions_under_a_seeded_fault_schedule_lose_and_double_no_
         "VLLM_WORKER_FAKE_PREFIX_CACHE": "1",
     }
     stacks = {w: contextlib.ExitStack() for w in ("fa", "fb")}
-    procs = {w: stacks[w].enter_context(worker_subprocess(mosquitto.url, w, ["maze"], **env)) for w in stacks}
+    procs = {w: stacks[w].enter_context(worker_subprocess(mosquitto.url, w, ["general"], **env)) for w in stacks}
     told_ok: dict[str, list[str]] = {}
     try:
         await wait_ready(mosquitto.port, *stacks)
         async with (
             client(mosquitto.port, affinity_timeout_s=1.0) as c,
-            peer(mosquitto.port, ["maze/response/app"]) as p,
+            peer(mosquitto.port, ["general/response/app"]) as p,
         ):
 
             async def conversation(session: str) -> None:
                 told_ok[session] = []
                 for turn in range(1, 7):
                     text = f"{session} turn {turn}"
-                    reply = await c.ask("maze", text, session=session, request_id=f"{session}-{turn}", timeout_s=20)
+                    reply = await c.ask("general", text, session=session, request_id=f"{session}-{turn}", timeout_s=20)
                     if reply.ok:
                         assert reply.text == "history: " + " | ".join([*told_ok[session], text])
                         told_ok[session].append(text)
@@ -220,7 +220,7 @@ async def test_sticky_sessions_under_a_seeded_fault_schedule_lose_and_double_no_
                         stacks[victim].close()
                         stacks[victim] = contextlib.ExitStack()
                         procs[victim] = stacks[victim].enter_context(
-                            worker_subprocess(mosquitto.url, victim, ["maze"], **env)
+                            worker_subprocess(mosquitto.url, victim, ["general"], **env)
                         )
                         await wait_ready(mosquitto.port, victim)
 
