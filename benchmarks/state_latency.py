@@ -74,21 +74,26 @@ async def one_round(port: int, state_url: str, topics: Path, requests: int, conc
     cmd = [sys.executable, "-m", "worker", "--engine", "fake", "--projects", PROJECT, "--worker-id", f"state-{tag}"]
     cmd += ["--broker", f"mqtt://127.0.0.1:{port}"]
     with process(cmd, "vllm-worker: ready", env):
-        async with Client(BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), client_id=f"bench-{tag}") as client:
-            sem = asyncio.Semaphore(concurrency)
-            latencies: list[float] = []
+        return await timed_turns(port, requests, concurrency, tag)
 
-            async def one(i: int, *, record: bool) -> None:
-                async with sem:
-                    started = time.perf_counter()
-                    reply = await client.ask(PROJECT, f"hello {i}", session=f"s{i % 64}", request_id=f"{tag}-{i}")
-                    if not reply.ok:
-                        raise RuntimeError(f"request failed: {reply.error_code} {reply.error_message}")
-                    if record:
-                        latencies.append((time.perf_counter() - started) * 1000)
 
-            await asyncio.gather(*(one(-i - 1, record=False) for i in range(200)))  # warm-up, not counted
-            await asyncio.gather(*(one(i, record=True) for i in range(requests)))
+async def timed_turns(port: int, requests: int, concurrency: int, tag: str) -> list[float]:
+    """End-to-end ms of `requests` stateful turns with requestIds (64 sessions), after 200 untimed ones."""
+    async with Client(BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), client_id=f"bench-{tag}") as client:
+        sem = asyncio.Semaphore(concurrency)
+        latencies: list[float] = []
+
+        async def one(i: int, *, record: bool) -> None:
+            async with sem:
+                started = time.perf_counter()
+                reply = await client.ask(PROJECT, f"hello {i}", session=f"s{i % 64}", request_id=f"{tag}-{i}")
+                if not reply.ok:
+                    raise RuntimeError(f"request failed: {reply.error_code} {reply.error_message}")
+                if record:
+                    latencies.append((time.perf_counter() - started) * 1000)
+
+        await asyncio.gather(*(one(-i - 1, record=False) for i in range(200)))  # warm-up, not counted
+        await asyncio.gather(*(one(i, record=True) for i in range(requests)))
     return latencies
 
 

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,10 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench import mosquitto, pct
-from state_latency import redis_server
-
-from worker.client import Client
-from worker.config import BrokerConfig
+from state_latency import redis_server, timed_turns
 
 PROJECT = "general"
 QUOTA = "\n[quota]\nclient_tokens_per_day = 1000000000000\nproject_tokens_per_day = 1000000000000\n"
@@ -71,25 +67,6 @@ def worker(tree: Path, env: dict[str, str], tag: str, port: int) -> Iterator[Non
         proc.wait(30)
 
 
-async def one_round(port: int, requests: int, concurrency: int, tag: str) -> list[float]:
-    async with Client(BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), client_id=f"bench-{tag}") as client:
-        sem = asyncio.Semaphore(concurrency)
-        latencies: list[float] = []
-
-        async def one(i: int, *, record: bool) -> None:
-            async with sem:
-                started = time.perf_counter()
-                reply = await client.ask(PROJECT, f"hello {i}", session=f"s{i % 64}", request_id=f"{tag}-{i}")
-                if not reply.ok:
-                    raise RuntimeError(f"request failed: {reply.error_code} {reply.error_message}")
-                if record:
-                    latencies.append((time.perf_counter() - started) * 1000)
-
-        await asyncio.gather(*(one(-i - 1, record=False) for i in range(200)))  # warm-up, not counted
-        await asyncio.gather(*(one(i, record=True) for i in range(requests)))
-    return latencies
-
-
 Results = dict[tuple[str, str, int], list[float]]
 
 
@@ -112,7 +89,7 @@ async def measure(args: argparse.Namespace, trees: dict[str, Path]) -> Results:
                             progress.update(task, description=f"round {r + 1}: {name} on {backend}, c{c}")
                             tag = f"{name}{backend}{r}c{c}"
                             results.setdefault((backend, name, c), []).extend(
-                                await one_round(port, args.requests, c, tag)
+                                await timed_turns(port, args.requests, c, tag)
                             )
                             progress.advance(task)
     return results

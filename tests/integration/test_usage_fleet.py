@@ -151,32 +151,27 @@ async def test_counts_equal_the_replies_across_workers_a_restart_and_a_redis_out
     assert traffic.expected["gamma"].requests == 9
     assert traffic.expected["gamma"].prompt_tokens > 0
     # the command users run reads the same numbers
-    cli = await asyncio.to_thread(
-        subprocess.run,
-        [
-            sys.executable,
-            "-m",
-            "worker",
-            "usage",
-            "--json",
-            "--days",
-            "1",
-            "--project",
-            "general",
-            "--state-url",
-            redis_server.url,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert cli.returncode == 0, cli.stderr
-    rows = {(r["day"], r["client"]): r for r in json.loads(cli.stdout)}
+    cli = await usage_cli("--days", "1", "--project", "general", "--state-url", redis_server.url)
+    rows = {(r["day"], r["client"]): r for r in cli}
     today = utc_day(time.time())
     assert rows[(today, "alpha")]["completion_tokens"] == traffic.expected["alpha"].completion_tokens
     assert rows[(today, "(project)")]["requests"] == sum(c.requests for c in traffic.expected.values())
     assert rows[(TOTAL, "(project)")]["prompt_tokens"] == sum(c.prompt_tokens for c in traffic.expected.values())
+
+
+async def usage_cli(*args: str, **environ: str) -> list[dict]:
+    """`vllm-worker usage --json ...` as an operator runs it; its rows."""
+    cli = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "worker", "usage", "--json", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **environ},
+    )
+    assert cli.returncode == 0, cli.stderr
+    return json.loads(cli.stdout)
 
 
 def quota_topics(tmp_path: Path, quota: str) -> Path:
@@ -253,27 +248,8 @@ async def test_the_memory_backend_counts_and_refuses_the_same_and_a_new_day_rese
         expected = sum((expected_counts(f) for f in finals), Counts())
         assert solo == expected
         # without Redis, `usage` reads the workers' telemetry (tokens since they started, per project)
-        cli = await asyncio.to_thread(
-            subprocess.run,
-            [
-                sys.executable,
-                "-m",
-                "worker",
-                "usage",
-                "--json",
-                "--broker",
-                f"mqtt://127.0.0.1:{w.port}",
-                "--wait",
-                "2",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "VLLM_WORKER_STATE__URL": "memory"},
-        )
-        assert cli.returncode == 0, cli.stderr
-        (row,) = json.loads(cli.stdout)
+        cli = await usage_cli("--wait", "2", "--broker", f"mqtt://127.0.0.1:{w.port}", VLLM_WORKER_STATE__URL="memory")
+        (row,) = cli
         assert (row["day"], row["project"], row["requests"]) == ("since start", "general", len(finals))  # accepted
         assert row["prompt_tokens"] == expected.prompt_tokens
         assert row["completion_tokens"] == expected.completion_tokens
