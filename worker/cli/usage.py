@@ -20,7 +20,7 @@ from typing import Any
 
 from worker.cli.terminal import say
 from worker.config import WorkerConfig, load
-from worker.errors import ConfigError
+from worker.errors import ConfigError, StateUnavailableError
 from worker.projects import QuotaLimits, load_project
 from worker.state import Counts, UsageRow
 from worker.state.usage import PROJECT_WIDE, TOTAL
@@ -77,10 +77,14 @@ async def main(argv: Sequence[str]) -> int:
 async def _from_state(cfg: WorkerConfig, args: argparse.Namespace) -> list[UsageRow]:
     from worker.state import open_state  # noqa: PLC0415 - redis is imported only when used
 
+    down = ConfigError("the shared state (state.url) does not answer")
     async with open_state(cfg) as state:
         if not state.health().healthy:
-            raise ConfigError("the shared state (state.url) does not answer")
-        return await state.usage_rows(args.days, args.project, args.client)
+            raise down
+        try:
+            return await state.usage_rows(args.days, args.project, args.client)
+        except StateUnavailableError as exc:
+            raise down from exc
 
 
 async def _from_telemetry(cfg: WorkerConfig, args: argparse.Namespace) -> list[UsageRow]:

@@ -148,13 +148,13 @@ class RedisUsage:
     async def _projects(self) -> list[str]:
         """Projects with running totals (a bounded scan: one key per project)."""
         r, head, tail = self._link.r, self._ns, f"/u/{TOTAL}/c/{PROJECT_WIDE}"
-        found: set[str] = set()
         pattern = f"{_glob_escape(head)}*{_glob_escape(tail)}"
-        async for key in r.scan_iter(match=pattern, count=1000):
-            name = _text(key)[len(head) : -len(tail)]
-            if "/" not in name:
-                found.add(name)
-        return sorted(found)
+
+        async def scan() -> list[bytes | str]:
+            return [key async for key in r.scan_iter(match=pattern, count=1000)]
+
+        names = (_text(key)[len(head) : -len(tail)] for key in await self._link.call(scan))
+        return sorted({name for name in names if "/" not in name})
 
 
 def _counts(raw: dict[bytes, bytes]) -> Counts:
