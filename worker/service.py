@@ -198,7 +198,6 @@ class Service:
             priority_scheduling=self._cfg.model.scheduling_policy == "priority",
             hold_for_redelivery=self._grouped,
             devices=self._devices,
-            tally=self._status.tally,
         )
         self._takeover = self._make_takeover(store)
         return Intake(

@@ -21,14 +21,24 @@ from worker.engine.adapters import AdapterTable
 from worker.engine.base import Engine
 from worker.errors import EngineDeadError
 from worker.fleet.homeassistant import discovery
-from worker.fleet.reports import ParallelReport, ProjectReport, State, StateReport, StatusReport, TelemetryReport
+from worker.fleet.reports import (
+    MAX_CLIENTS,
+    ParallelReport,
+    ProjectReport,
+    State,
+    StateReport,
+    StatusReport,
+    TelemetryReport,
+)
 from worker.fleet.telemetry import GpuProbe, collect_process, engine_report, process_tree_pids
-from worker.serving.accounting import ClientTally
 from worker.serving.sessions import SessionStore
 from worker.state import State as StateStore
+from worker.state.usage import PROJECT_WIDE, UsageBook
 from worker.transport.bus import Bus
 
 log = structlog.get_logger(__name__)
+NOTHING_COUNTED = UsageBook(max_clients=1, retention_days=1)
+"""What telemetry reads before the state layer is open (the engine is still starting)."""
 
 HEALTH_INTERVAL_S = 2.0
 
@@ -59,10 +69,24 @@ class StatusReporter:
         self.store: StateStore | None = None
         self.adapters: AdapterTable | None = None
         self.engine_ready = False
-        self.tally = ClientTally()
-        """Tokens per client since start, filled by the request path (`accounting`)."""
         self.affinity: Callable[[], bool] | None = None
         """Whether the worker invites sticky turns now (telemetry says so; None: not wired)."""
+
+    def _project_report(self, name: str) -> ProjectReport:
+        """A project's counters since start; tokens from the state layer's book of this worker's own counts."""
+        book = self.store.own_usage() if self.store is not None else NOTHING_COUNTED
+        spent = book.total(name)
+        return ProjectReport(
+            requests=self._counters[(name, "requests")],
+            errors=self._counters[(name, "errors")],
+            rejected=self._counters[(name, "rejected")],
+            prompt_tokens=spent.prompt_tokens,
+            completion_tokens=spent.completion_tokens,
+            cached_tokens=spent.cached_tokens,
+            tokens_today=book.used_today((name, PROJECT_WIDE)).tokens,
+            top_clients=book.top(name, MAX_CLIENTS),
+            sessions=self.sessions.count(name) if self.sessions else 0,
+        )
 
     def _model_name(self) -> str:
         if self.engine_ready:  # report what the engine actually loaded
@@ -128,20 +152,7 @@ class StatusReporter:
         gpus = await asyncio.to_thread(self.gpus.collect, pids, _indices(self._cfg.model.visible_devices))
         process = await asyncio.to_thread(collect_process, self.started)
         process = process.model_copy(update={"unacked": self.bus.unacked if self.bus is not None else 0})
-        projects = {
-            name: ProjectReport(
-                requests=self._counters[(name, "requests")],
-                errors=self._counters[(name, "errors")],
-                rejected=self._counters[(name, "rejected")],
-                prompt_tokens=self._counters[(name, "prompt_tokens")],
-                completion_tokens=self._counters[(name, "completion_tokens")],
-                cached_tokens=self._counters[(name, "cached_tokens")],
-                top_clients=self.tally.top(name),
-                tokens_today=self.tally.today(name),
-                sessions=self.sessions.count(name) if self.sessions else 0,
-            )
-            for name in self._projects
-        }
+        projects = {name: self._project_report(name) for name in self._projects}
         return TelemetryReport(
             ts=_now_iso(),
             worker=self.worker_id,

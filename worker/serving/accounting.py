@@ -2,8 +2,8 @@
 
 Tokens are counted where the engine reports them (`generation`), so a request cancelled, expired or
 failed after it generated still counts what it cost. Just before its final reply goes out, `serve`
-hands the sum to the state layer (fleet-wide counters and quotas: `state/usage.py`) and to this
-worker's own per-project counters (telemetry): a client that waits for its reply before it sends the
+hands the sum to the state layer (fleet-wide counters and quotas: `state/usage.py`; its in-process book
+of this worker's own counts feeds telemetry): a client that waits for its reply before it sends the
 next request is checked against budgets that include it. A request that ends without a reply of its
 own counts only if it generated. A request that never ran (a duplicate answered from the dedupe cache,
 a copy left to the worker that holds its requestId) counts nothing; one refused by a rate limit or a
@@ -12,20 +12,14 @@ quota counts as `refused`.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 from worker.errors import ErrorCode
 from worker.protocol import Request
 from worker.serving.admission import client_key
 from worker.state import Counts, Usage
-from worker.state.usage import OTHER, utc_day, wall_clock
 
 REFUSALS = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED})
-TOP_CLIENTS = 16
-"""Clients per project in telemetry (and so in Prometheus labels): a bounded label set."""
-TOKEN_COUNTERS = ("prompt_tokens", "completion_tokens", "cached_tokens")
-"""This worker's per-project counters (telemetry) that add tokens."""
 
 
 @dataclass(slots=True)
@@ -62,39 +56,3 @@ def usage_of(request: Request, spent: Spent, code: ErrorCode | None, *, replied:
         refused=int(refused),
     )
     return Usage(request.route.project, client_key(request)[1], counts)
-
-
-class ClientTally:
-    """Tokens per project and client that this worker spent since it started (telemetry's top clients).
-
-    Bounded: `max_clients` clients per project by name, the rest together as `OTHER`.
-    """
-
-    def __init__(self, max_clients: int = 1000) -> None:
-        self._max_clients = max_clients
-        self._tokens: dict[str, Counter[str]] = {}
-        self._today: dict[str, tuple[str, int]] = {}
-
-    def add(self, usage: Usage) -> None:
-        """Count one request's tokens (prompt + completion) under its client, and today's per project."""
-        clients = self._tokens.setdefault(usage.project, Counter())
-        who = usage.client if usage.client in clients or len(clients) < self._max_clients else OTHER
-        clients[who] += usage.counts.tokens
-        day = utc_day(wall_clock())
-        seen, tokens = self._today.get(usage.project, (day, 0))
-        self._today[usage.project] = (day, (tokens if seen == day else 0) + usage.counts.tokens)
-
-    def today(self, project: str) -> int:
-        """Tokens of `project` spent here today (UTC)."""
-        day, tokens = self._today.get(project, ("", 0))
-        return tokens if day == utc_day(wall_clock()) else 0
-
-    def top(self, project: str, n: int = TOP_CLIENTS) -> dict[str, int]:
-        """The `n` clients that spent the most tokens of `project` here."""
-        return dict(self._tokens.get(project, Counter()).most_common(n))
-
-
-def add_to(counters: Counter[tuple[str, str]], usage: Usage) -> None:
-    """Add to the worker's own per-project token counters (since start; telemetry's `projects`)."""
-    for name in TOKEN_COUNTERS:
-        counters[(usage.project, name)] += getattr(usage.counts, name)

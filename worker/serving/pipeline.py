@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from worker.engine.adapters import AdapterTable
 from worker.engine.base import Engine
 from worker.protocol import Request
-from worker.serving.accounting import ClientTally
 from worker.serving.devices import DeviceTools
 from worker.serving.replies import Replier
 from worker.serving.sessions import SessionStore
@@ -38,7 +37,5 @@ class Pipeline:
     """Pass the request's priority to the engine (else 0: fcfs)."""
     hold_for_redelivery: bool = False
     """Share group: a job stopped by the drain is left unacked for redelivery rather than answered."""
-    tally: ClientTally = field(default_factory=ClientTally)
-    """This worker's tokens per client since start (telemetry's top clients)."""
     devices: DeviceTools | None = None
     """The projects' device tools, run by this worker when the model calls them (`rounds`)."""

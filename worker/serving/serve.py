@@ -33,7 +33,7 @@ from worker.errors import (
 )
 from worker.protocol import ChatMessage, Dialect, FinalReply, Request
 from worker.protocol.tools import ToolSet
-from worker.serving.accounting import REFUSALS, add_to, usage_of
+from worker.serving.accounting import REFUSALS, usage_of
 from worker.serving.generation import generate
 from worker.serving.jobs import Job
 from worker.serving.pipeline import Pipeline
@@ -298,7 +298,7 @@ async def _fail(job: Job, stream: Stream, p: Pipeline, error: WorkerError) -> No
 async def _count(
     p: Pipeline, request: Request, stream: Stream, code: ErrorCode | None, *, replied: bool = True
 ) -> None:
-    """Count what the request spent, once: fleet-wide (the state layer) and in this worker's telemetry.
+    """Count what the request spent, once, in the state layer (fleet-wide, and this worker's own book).
 
     Called just before its final reply goes out (`code`: that reply's error), or when it ends without one.
     """
@@ -306,11 +306,9 @@ async def _count(
         return
     stream.spent.counted = True
     usage = usage_of(request, stream.spent, code, replied=replied)
-    if usage is not None:
-        add_to(p.counters, usage)
-        p.tally.add(usage)
-        if (sending := p.state.record_usage(usage)) is not None:  # the shared backend: bounded, to its end
-            await _to_the_end(sending)
+    sending = p.state.record_usage(usage) if usage is not None else None
+    if sending is not None:  # the shared backend: bounded, awaited to its end
+        await _to_the_end(sending)
 
 
 def _remaining_s(request: Request) -> float | None:

@@ -20,7 +20,7 @@ from typing import Protocol, Self
 
 from worker.protocol import FinalReply
 from worker.protocol.tools import ToolCall, ToolResult
-from worker.state.usage import Quota, Usage, UsageRow
+from worker.state.usage import Quota, Usage, UsageBook, UsageRow
 
 SessionKey = tuple[str, str, str]
 """(project, owner, sessionId): see `Request.session_key`."""
@@ -176,6 +176,10 @@ class State(Protocol):
 
     async def usage_rows(self, days: int, project: str | None = None, client: str | None = None) -> list[UsageRow]:
         """The counters of the last `days` UTC days and the running totals (`vllm-worker usage`)."""
+        ...
+
+    def own_usage(self) -> UsageBook:
+        """What this worker counted itself since it started, in this process (its telemetry reads it)."""
         ...
 
     # ---- health ----------------------------------------------------------------------------------------

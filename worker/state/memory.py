@@ -245,6 +245,10 @@ class MemoryState:
         """See `State.usage_rows`: this process' counters (since it started)."""
         return self.usage.rows(days, project, client)
 
+    def own_usage(self) -> UsageBook:
+        """See `State.own_usage`: the same counters."""
+        return self.usage
+
     # ---- health ----------------------------------------------------------------------------------------
     def health(self) -> StateHealth:
         """See `State.health`: memory is always there."""

@@ -34,7 +34,7 @@ from worker.state.codec import decode_final, decode_turn, encode_final, encode_t
 from worker.state.memory import MAX_TURNS, MemoryLimits, MemoryState
 from worker.state.redis_link import RECORD_ATTEMPTS, RedisLink
 from worker.state.redis_usage import RedisUsage
-from worker.state.usage import Quota, Usage, UsageRow, quota_error
+from worker.state.usage import Quota, Usage, UsageBook, UsageRow, quota_error
 
 log = structlog.get_logger(__name__)
 FENCED, EXPIRED = -2, -3  # APPEND's refusals: the lock passed to another worker; the attempt came too late
@@ -324,6 +324,10 @@ class RedisState:
     async def usage_rows(self, days: int, project: str | None = None, client: str | None = None) -> list[UsageRow]:
         """See `State.usage_rows`: the fleet's counters."""
         return await self.usage.rows(days, project, client)
+
+    def own_usage(self) -> UsageBook:
+        """See `State.own_usage`: the book that also answers quotas while Redis is down."""
+        return self._local.own_usage()
 
     # ---- health ----------------------------------------------------------------------------------------
     def health(self) -> StateHealth:

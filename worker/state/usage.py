@@ -150,6 +150,16 @@ class UsageBook:
         named = len(clients) - (PROJECT_WIDE in clients) - (OTHER in clients)
         return OTHER if named >= self._max_clients else client
 
+    def total(self, project: str) -> Counts:
+        """What `project` spent since these counters began (in a worker: since it started)."""
+        return self._days.get((project, TOTAL), {}).get(PROJECT_WIDE, Counts())
+
+    def top(self, project: str, n: int) -> dict[str, int]:
+        """The `n` clients (or `OTHER`) that spent the most tokens of `project` since the counters began."""
+        clients = self._days.get((project, TOTAL), {})
+        ranked = sorted(((c, k.tokens) for c, k in clients.items() if c != PROJECT_WIDE), key=lambda x: -x[1])
+        return dict(ranked[:n])
+
     def check(self, quotas: Sequence[Quota]) -> None:
         """Raise `QuotaExceededError` when any quota is used up today."""
         for quota in quotas:
