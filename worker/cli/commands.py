@@ -1,4 +1,7 @@
-"""The client-side subcommands: `vllm-worker ask`, `fleet`, `plan` and `bench` (dispatched by `cli.main`)."""
+"""The client-side subcommands `ask`, `fleet`, `usage`, `plan` and `bench` (dispatched by `cli.main`).
+
+Also what every client tool shares: `run_tool`, `broker_from_env`, `cli_identity`.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worker.cli.terminal import EXIT_CONFIG, say
-from worker.config import ROOT, BrokerConfig, WorkerConfig
+from worker.config import ROOT, BrokerConfig
 from worker.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -71,11 +74,11 @@ def ask(argv: Sequence[str]) -> int:
         return EXIT_CONFIG
 
     async def go() -> int:
-        broker = _broker(args.broker)
+        broker = broker_from_env(args.broker)
         username = broker.username
         # One identity across invocations, so `--session s1` twice continues one conversation (v2 sessions
         # live in their clientId's namespace); a fresh MQTT connection id each time, so two never collide.
-        client_id = args.client_id or username or _cli_identity()
+        client_id = args.client_id or username or cli_identity()
         async with Client(broker, client_id, connection_id=f"{client_id}-{uuid.uuid4().hex[:8]}") as client:
             started = time.monotonic()
             await client.wait_for_worker(
@@ -147,7 +150,7 @@ def _tool_fields(path: str | None, choice: str | None) -> dict[str, Any]:
     return fields
 
 
-def _cli_identity() -> str:
+def cli_identity() -> str:
     """`cli-<login name>`, reduced to the id alphabet of PROTOCOL section 1."""
     user = re.sub(r"[^A-Za-z0-9_.:-]", "", getpass.getuser())[:60] or "user"
     return f"cli-{user}"
@@ -170,8 +173,8 @@ def fleet(argv: Sequence[str]) -> int:
         from worker.cli.retire import retire  # noqa: PLC0415
 
         prefixes = {"topic_prefix": args.topic_prefix, "ha_prefix": args.homeassistant_prefix}
-        return _run_tool(retire(_broker(args.broker), args.retire, **prefixes))
-    return _run_tool(_fleet(args))
+        return run_tool(retire(broker_from_env(args.broker), args.retire, **prefixes))
+    return run_tool(_fleet(args))
 
 
 async def _fleet(args: argparse.Namespace) -> int:
@@ -191,7 +194,7 @@ async def _fleet(args: argparse.Namespace) -> int:
         REGISTRY.register(PrometheusCollector(state))
         start_http_server(args.prometheus, addr=args.prometheus_host)
         say(f"prometheus metrics on http://{args.prometheus_host}:{args.prometheus}/metrics")
-    async with Bus(_broker(args.broker), f"fleet-{uuid.uuid4().hex[:8]}") as bus:
+    async with Bus(broker_from_env(args.broker), f"fleet-{uuid.uuid4().hex[:8]}") as bus:
 
         async def read() -> None:
             while True:
@@ -230,7 +233,7 @@ def usage(argv: Sequence[str]) -> int:
     """Tokens and requests per UTC day, project and client (`worker/cli/usage.py`)."""
     from worker.cli import usage as usage_table  # noqa: PLC0415
 
-    return _run_tool(usage_table.main(argv))
+    return run_tool(usage_table.main(argv))
 
 
 def plan(argv: Sequence[str]) -> int:
@@ -322,70 +325,7 @@ def bench(argv: Sequence[str]) -> int:
     return subprocess.call([sys.executable, str(script), *argv])  # noqa: S603 - our own script
 
 
-def console(argv: Sequence[str]) -> int:
-    """The lab console: fleet charts and a chat playground in the browser."""
-    p = argparse.ArgumentParser(prog="vllm-worker console", description="Fleet charts and a playground in a browser.")
-    p.add_argument("--broker", default=os.environ.get("VLLM_WORKER_BROKER__URL", "mqtt://127.0.0.1:1883"))
-    p.add_argument("--topic-prefix", default="")
-    p.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback requires the token")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--client-id", default=None, help="v2 clientId of the playground (default: as `ask`)")
-    p.add_argument(
-        "--state-url",
-        default=os.environ.get("VLLM_WORKER_STATE__URL", "memory"),
-        help="the fleet's Redis, for the Usage page's 14 days per client (default: the workers' telemetry)",
-    )
-    p.add_argument(
-        "--token",
-        default=os.environ.get("VLLM_WORKER_CONSOLE_TOKEN"),
-        help="required to open the console when not on loopback (default: a random one, printed)",
-    )
-    return _run_tool(_console(p.parse_args(argv)))
-
-
-async def _console(args: argparse.Namespace) -> int:
-    import secrets  # noqa: PLC0415
-
-    from aiohttp import web  # noqa: PLC0415
-
-    from worker.client import Client  # noqa: PLC0415
-    from worker.console.samples import Samples  # noqa: PLC0415
-    from worker.console.server import ConsoleApp  # noqa: PLC0415
-    from worker.console.usage import UsageView  # noqa: PLC0415
-    from worker.fleet.view import FleetState  # noqa: PLC0415
-    from worker.state import open_state  # noqa: PLC0415
-
-    loopback = args.host in {"localhost", "::1"} or args.host.startswith("127.")
-    token = args.token or (None if loopback else secrets.token_urlsafe(18))
-    broker = _broker(args.broker)
-    fleet_state = FleetState(topic_prefix=args.topic_prefix)
-    client_id = args.client_id or broker.username or _cli_identity()
-    cfg = WorkerConfig.model_validate({"state": {"url": args.state_url}, "worker": {"topic_prefix": args.topic_prefix}})
-    async with (
-        Client(broker, client_id, args.topic_prefix, connection_id=f"console-{secrets.token_hex(4)}") as c,
-        contextlib.AsyncExitStack() as stack,
-    ):
-        state = None if args.state_url == "memory" else await stack.enter_async_context(open_state(cfg))
-        await c.watch(fleet_state.filters, fleet_state.handle)
-        hosts = {"127.0.0.1", "localhost", "::1"} if loopback else None
-        usage = UsageView(fleet_state, state)
-        console_app = ConsoleApp(c, Samples(fleet_state), token=token, hosts=hosts, usage=usage)
-        runner = web.AppRunner(console_app.app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, args.host, args.port).start()
-        url = f"http://{'127.0.0.1' if loopback else args.host}:{args.port}/" + (f"?token={token}" if token else "")
-        say(f"console on {url} (broker {args.broker})")
-        try:
-            async with asyncio.TaskGroup() as loops:  # run until Ctrl-C; if one raises, the console exits loudly
-                loops.create_task(console_app.run_sampler())
-                if state is not None:
-                    loops.create_task(state.monitor())  # probes Redis, so the page recovers with it
-        finally:
-            await runner.cleanup()
-    return 1
-
-
-def _run_tool(main: Coroutine[Any, Any, int]) -> int:
+def run_tool(main: Coroutine[Any, Any, int]) -> int:
     """Run a long-lived client tool: warnings only on the terminal, a config error is exit 2, Ctrl-C is 0."""
     from worker import log  # noqa: PLC0415
     from worker.config import LogConfig  # noqa: PLC0415
@@ -400,7 +340,7 @@ def _run_tool(main: Coroutine[Any, Any, int]) -> int:
         return 0
 
 
-def _broker(url: str) -> BrokerConfig:
+def broker_from_env(url: str) -> BrokerConfig:
     """The broker at `url` with the credentials of the environment (never flags: shell history)."""
     return BrokerConfig(
         url=url,

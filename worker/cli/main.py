@@ -258,14 +258,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else "serve"
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv
-    from worker.cli import commands  # noqa: PLC0415 - the client-side subcommands, loaded on demand
+    from worker.cli import commands, console_command  # noqa: PLC0415 - the client-side subcommands, on demand
 
     handlers = {
         "serve": serve,
         "model": model,
         "ask": commands.ask,
         "fleet": commands.fleet,
-        "console": commands.console,
+        "console": console_command.console,
         "plan": commands.plan,
         "bench": commands.bench,
         "usage": commands.usage,

@@ -6,9 +6,9 @@ retained Home Assistant discovery config it published (Home Assistant removes it
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
+from worker.cli.listen import listen
 from worker.cli.terminal import say
 from worker.config import BrokerConfig
 from worker.fleet.homeassistant import config_filter
@@ -21,21 +21,13 @@ LISTEN_S = 1.5
 async def retire(broker: BrokerConfig, worker_id: str, *, topic_prefix: str, ha_prefix: str) -> int:
     """Empty the worker's retained status and discovery configs; 0."""
     found: set[str] = set()
+
+    def note(topic: str, payload: bytes) -> None:
+        if payload:
+            found.add(topic)
+
     async with Bus(broker, f"retire-{uuid.uuid4().hex[:8]}") as bus:
-
-        async def read() -> None:
-            while True:
-                msg = await bus.messages()
-                bus.ack(msg)
-                if msg.payload:
-                    found.add(msg.topic)
-
-        reader = asyncio.create_task(read())  # supervised: awaited (and its failure raised) below
-        await bus.subscribe([config_filter(ha_prefix, worker_id)])
-        await asyncio.wait({reader}, timeout=LISTEN_S)
-        if reader.done():
-            reader.result()
-        reader.cancel()
+        await listen(bus, [config_filter(ha_prefix, worker_id)], note, LISTEN_S)
         for topic in [f"{topic_prefix}vllm-worker/{worker_id}/status", *sorted(found)]:
             await bus.publish(topic, b"", qos=1, retain=True)
     say(f"retired {worker_id}: its status and {len(found)} Home Assistant config(s) removed")

@@ -10,20 +10,21 @@ much of today's budget is used.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 import json
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from worker.cli.listen import listen
 from worker.cli.terminal import say
 from worker.config import WorkerConfig, load
 from worker.errors import ConfigError, StateUnavailableError
 from worker.projects import QuotaLimits, load_project
 from worker.state import Counts, UsageRow
-from worker.state.usage import PROJECT_WIDE, TOTAL
+from worker.state.usage import PROJECT_WIDE, utc_day
 
 SINCE_START = "since start"
 """The day column of rows read from telemetry (workers count since they started)."""
@@ -62,7 +63,9 @@ async def main(argv: Sequence[str]) -> int:
         rows = await _from_state(cfg, args)
     else:
         rows = await _from_telemetry(cfg, args)
-    out = [_row_dict(r, _quota_pct(cfg, r)) for r in rows]
+    quotas = {project: _quota(cfg, project) for project in {r.project for r in rows}}  # each file read once
+    today = utc_day(time.time())
+    out = [_row_dict(r, _quota_pct(quotas[r.project], r) if r.day == today else None) for r in rows]
     if args.json:
         print(json.dumps(out, indent=2))
     elif args.csv:
@@ -93,25 +96,16 @@ async def _from_telemetry(cfg: WorkerConfig, args: argparse.Namespace) -> list[U
     from worker.transport.bus import Bus  # noqa: PLC0415
 
     latest: dict[str, TelemetryReport] = {}
-    prefix = cfg.worker.topic_prefix
+
+    def note(_topic: str, payload: bytes) -> None:
+        try:
+            report = TelemetryReport.model_validate_json(payload)
+        except ValueError:
+            return  # hostile or foreign: not a worker's telemetry
+        latest[report.worker] = report
+
     async with Bus(cfg.broker, f"usage-{uuid.uuid4().hex[:8]}") as bus:
-
-        async def read() -> None:
-            while True:
-                msg = await bus.messages()
-                bus.ack(msg)
-                try:
-                    report = TelemetryReport.model_validate_json(msg.payload)
-                except ValueError:
-                    continue  # hostile or foreign: not a worker's telemetry
-                latest[report.worker] = report
-
-        await bus.subscribe([f"{prefix}vllm-worker/+/telemetry"])
-        reader = asyncio.create_task(read())  # supervised: awaited (and its failure raised) below
-        await asyncio.wait({reader}, timeout=args.wait)
-        if reader.done():
-            reader.result()
-        reader.cancel()
+        await listen(bus, [f"{cfg.worker.topic_prefix}vllm-worker/+/telemetry"], note, args.wait)
     totals: dict[str, Counts] = {}
     for report in latest.values():
         for project, p in report.projects.items():
@@ -126,11 +120,8 @@ async def _from_telemetry(cfg: WorkerConfig, args: argparse.Namespace) -> list[U
     ]
 
 
-def _quota_pct(cfg: WorkerConfig, row: UsageRow) -> float | None:
-    """Today's share of the row's daily budget, in percent (None: no budget, or not today's row)."""
-    if row.day in (TOTAL, SINCE_START) or row.day != _today():
-        return None
-    quota = _quota(cfg, row.project)
+def _quota_pct(quota: QuotaLimits | None, row: UsageRow) -> float | None:
+    """The share of a day's budget the row used, in percent (None: no budget)."""
     if quota is None:
         return None
     whole = row.client == PROJECT_WIDE
@@ -149,14 +140,6 @@ def _quota(cfg: WorkerConfig, project: str) -> QuotaLimits | None:
         return load_project(path).quota if path.is_file() else None
     except ConfigError:
         return None
-
-
-def _today() -> str:
-    import time  # noqa: PLC0415
-
-    from worker.state.usage import utc_day  # noqa: PLC0415
-
-    return utc_day(time.time())
 
 
 def _row_dict(row: UsageRow, pct: float | None) -> dict[str, Any]:

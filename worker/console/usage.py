@@ -19,7 +19,7 @@ import structlog
 from worker.errors import WorkerError
 from worker.fleet.view import FleetState
 from worker.state import State, UsageRow
-from worker.state.usage import OTHER, PROJECT_WIDE, TOTAL, last_days, utc_day, wall_clock
+from worker.state.usage import PROJECT_WIDE, TOTAL, last_days, utc_day, wall_clock
 
 log = structlog.get_logger(__name__)
 DAYS = 14
@@ -87,7 +87,7 @@ def _shape_tokens(source: str, rows: list[tuple[str, str, str, int]]) -> dict[st
         if client == PROJECT_WIDE:
             series.setdefault(project, {})[day] = tokens
         elif day == today:
-            top.setdefault(project, Counter())[client if client != OTHER else "(other)"] += tokens
+            top.setdefault(project, Counter())[client] += tokens
     names = sorted(series, key=lambda p: -series[p].get(today, 0))[:MAX_PROJECTS]
     return {
         "source": source,
