@@ -336,9 +336,9 @@ class RedisState:
 
     async def monitor(self) -> None:
         """See `State.monitor`: the link renews our leases and probes Redis; the usage queue is sent."""
-        async with asyncio.TaskGroup() as group:  # either loop ending ends both: the caller supervises
-            group.create_task(self._link.monitor())
-            group.create_task(self.usage.run())
+        async with asyncio.TaskGroup() as group:  # either loop failing ends both, and this call with them
+            group.create_task(self._link.monitor())  # supervised: by the group; the service's Loops supervise it
+            group.create_task(self.usage.run())  # supervised: likewise (a dead sender stops the worker loudly)
 
 
 def _limit(value: int | None) -> int:
